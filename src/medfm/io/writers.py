@@ -1,0 +1,174 @@
+"""Writers: masks go out on exactly the input's grid, atomically, and never over an input.
+
+``write_mask(mask, path, like=image)`` picks the format from the output's extension: PNG, NIfTI
+(the input's affine), the challenge ``.npz`` (``segs``), or DICOM-SEG (``.dcm``, optional extra
+``dicom-seg``) referencing the source series.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from medfm.errors import MissingDependencyError, OutputFileError
+from medfm.io.image import MedicalImage
+from medfm.io.readers import NIFTI_SUFFIXES, ras_affine
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def protected_paths(image: MedicalImage | None) -> set[Path]:
+    """The files an image was read from: outputs must never replace them."""
+    if image is None:
+        return set()
+    paths = [image.path] if image.path else []
+    paths += [Path(p) for p in image.metadata.get("source_files", [])]
+    return {p.resolve() for p in paths}
+
+
+def write_mask(
+    mask: np.ndarray,
+    path: str | PathLike[str],
+    like: MedicalImage | None = None,
+    *,
+    label_names: Mapping[int, str] | None = None,
+) -> Path:
+    """Write a label map (0 = background) on the grid of ``like`` and return the written path.
+
+    The mask must have ``like``'s spatial shape. ``label_names`` names segments in DICOM-SEG.
+    """
+    path = Path(path)
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer) or (mask.size and mask.min() < 0):
+        raise OutputFileError(path, f"a mask must hold non-negative integer labels, got {mask.dtype}")
+    if like is not None and tuple(mask.shape) != like.spatial_shape:
+        raise OutputFileError(
+            path, f"mask shape {tuple(mask.shape)} differs from the image's grid {like.spatial_shape}"
+        )
+    if path.resolve() in protected_paths(like) or (path.exists() and path.is_dir()):
+        raise OutputFileError(path, "refusing to write over an input (or a folder); choose another output path")
+    writer = _writer_for(path)
+    with atomic_path(path) as temporary:
+        writer(mask, temporary, like, label_names)
+    return path
+
+
+def _writer_for(path: Path) -> Callable[..., None]:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return _write_nifti
+    writers = {".png": _write_png, ".npz": _write_npz, ".dcm": _write_dicom_seg}
+    if path.suffix.lower() not in writers:
+        raise OutputFileError(path, "unknown output type; use .png, .nii/.nii.gz, .npz or .dcm (DICOM-SEG)")
+    return writers[path.suffix.lower()]
+
+
+def smallest_unsigned(mask: np.ndarray) -> np.ndarray:
+    """uint8 when the labels fit (as viewers expect), else uint16."""
+    return mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)
+
+
+def _write_png(mask: np.ndarray, path: Path, like: MedicalImage | None, _names: object) -> None:
+    from PIL import Image
+
+    if mask.ndim != 2:
+        raise OutputFileError(path, f"PNG holds a 2D mask; this one has shape {mask.shape} (use .nii.gz for volumes)")
+    if mask.max(initial=0) >= 2**16:
+        raise OutputFileError(path, "PNG holds at most 65535 labels")
+    Image.fromarray(smallest_unsigned(mask)).save(path, format="PNG")
+
+
+def _write_npz(mask: np.ndarray, path: Path, like: MedicalImage | None, _names: object) -> None:
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, segs=smallest_unsigned(mask))
+
+
+def _write_nifti(mask: np.ndarray, path: Path, like: MedicalImage | None, _names: object) -> None:
+    import nibabel as nib
+
+    if mask.ndim == 2:  # a 2D image's mask: one slice, in-plane spacing kept
+        spacing = like.spacing if like is not None else (1.0, 1.0)
+        affine = np.diag([float(spacing[1]), float(spacing[0]), 1.0, 1.0])
+        data = mask.T[:, :, None]
+        codes = (1, 1)
+    elif mask.ndim == 3:
+        affine = ras_affine(like) if like is not None else np.eye(4)
+        data = mask.transpose(2, 1, 0)
+        header = like.native if like is not None and isinstance(like.native, nib.Nifti1Header) else None
+        codes = (int(header["qform_code"]) or 1, int(header["sform_code"]) or 1) if header is not None else (1, 1)
+    else:
+        raise OutputFileError(path, f"cannot write a {mask.ndim}D mask as NIfTI")
+    image = nib.Nifti1Image(smallest_unsigned(data), affine)
+    image.set_qform(affine, code=codes[0])
+    image.set_sform(affine, code=codes[1])
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)  # the temporary path keeps the .nii/.nii.gz suffix, so gzip follows it
+
+
+def _write_dicom_seg(mask: np.ndarray, path: Path, like: MedicalImage | None, names: Mapping[int, str] | None) -> None:
+    """DICOM-SEG (labelmap-style, one segment per label) referencing every source slice."""
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError as error:
+        raise MissingDependencyError("highdicom", "dicom-seg", "writing DICOM-SEG") from error
+    import medfm
+
+    sources = like.native if like is not None and isinstance(like.native, list) else None
+    if not sources or like.metadata.get("format") != "dicom":
+        raise OutputFileError(path, "DICOM-SEG needs the DICOM series (or file) the mask was computed on as `like`")
+    labels = [int(v) for v in np.unique(mask) if v != 0]
+    if not labels:
+        raise OutputFileError(path, "the mask is empty; DICOM-SEG cannot hold a segmentation with no segment")
+    frames = mask if mask.ndim == 3 else mask[None]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="medfm", version=medfm.__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=(names or {}).get(label, f"label {label}"),
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, label in enumerate(labels, start=1)
+    ]
+    segments = np.stack([frames == label for label in labels], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=segments,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medfm",
+        manufacturer_model_name="medfm",
+        software_versions=medfm.__version__,
+        device_serial_number="0",
+    )
+    seg.save_as(path)

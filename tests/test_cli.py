@@ -1,0 +1,36 @@
+"""The command line: one-line errors with a non-zero exit code, and the info command on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import EXAMPLES
+
+
+def run_medfm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medfm", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_json_on_bundled_samples() -> None:
+    result = run_medfm("info", "--json", str(EXAMPLES / "totalseg_example_ct.nii.gz"), "--modality", "CT")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["shape"] == [30, 101, 122] and summary["spacing_mm"] == [3.0, 3.0, 3.0]
+    assert summary["modality"] == "CT" and summary["intensity"]["min"] == -1100
+
+
+def test_info_table_mentions_shape() -> None:
+    result = run_medfm("info", str(EXAMPLES / "busi_benign_001.png"))
+    assert result.returncode == 0 and "416" in result.stdout
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b broken")
+    for path in (bad, tmp_path / "missing.png"):
+        result = run_medfm("info", str(path))
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr and str(path) in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
