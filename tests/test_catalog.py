@@ -1,0 +1,215 @@
+"""The model catalog: every system of the survey has a valid card, and the look-ups work."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from medfm.catalog import (
+    MODALITIES,
+    PROMPT_TYPES,
+    SUBCATEGORIES,
+    SUPPORT_LEVELS,
+    TASKS,
+    ModelCard,
+    _load_cards,
+    cards_table_rows,
+    get_card,
+    list_models,
+)
+from medfm.errors import MedfmError
+
+TEXTUALLY_PROMPTED = {
+    "MedCLIP", "CheXzero", "BioViL-T",  # contrastive
+    "Med-PaLM 2", "Clinical-BERT", "Med-Flamingo",  # generative
+    "MedBLIP",  # hybrid
+    "XrayGPT", "LLaVA-Med", "Visual Med-Alpaca", "PMC-LLaMA", "ClinicalGPT",  # conversational
+}
+VISUALLY_PROMPTED = {
+    "SAM-U", "SAMed", "AutoSAM", "MedSAM", "Medical SAM Adapter", "SAM-Med2D", "LiteMedSAM",  # adaptation
+    "SAM", "SAM zero-shot study", "RadFM", "BiomedGPT", "Med-PaLM M", "GMAI",  # generalist
+}
+SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM-U", "SAM zero-shot study"}
+NO_PUBLIC_WEIGHTS = {
+    "Med-PaLM 2", "Med-PaLM M", "GMAI", "ClinicalGPT", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
+}
+CARDS_DIR = Path(str(resources.files("medfm.catalog") / "cards"))
+
+
+def names(cards: list[ModelCard]) -> set[str]:
+    return {card.name for card in cards}
+
+
+def test_every_system_of_the_survey_has_a_card():
+    assert len(TEXTUALLY_PROMPTED | VISUALLY_PROMPTED) == 25
+    assert names(list_models()) == TEXTUALLY_PROMPTED | VISUALLY_PROMPTED
+
+
+def test_every_card_validates_and_matches_its_file():
+    cards = _load_cards(CARDS_DIR)
+    assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 25
+    for card in cards:
+        on_disk = json.loads((CARDS_DIR / f"{card.id}.json").read_text(encoding="utf-8"))
+        assert card.to_dict() == on_disk
+        assert card.subcategory in SUBCATEGORIES[card.category]
+        assert set(card.modalities) <= set(MODALITIES)
+        assert set(card.tasks) <= set(TASKS)
+        assert set(card.prompt_types) <= set(PROMPT_TYPES)
+        assert card.support in SUPPORT_LEVELS
+
+
+def test_support_tells_the_truth_today():
+    # Nothing runs yet: only "planned" or, where no weights are public, "closed-weights".
+    assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
+    assert {card.support for card in list_models()} == {"planned", "closed-weights"}
+    assert all(card.weights is None for card in list_models(support="closed-weights"))
+
+
+def test_to_dict_is_json_with_lists():
+    data = get_card("medsam").to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["prompt_types"] == ["box"] and data["medfm_names"] == ["medsam"]
+
+
+def test_filter_by_category_and_subcategory():
+    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED
+    assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED
+    assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T"}
+    assert names(list_models(category="hybrid")) == {"MedBLIP"}
+
+
+def test_filter_by_modality_is_case_insensitive():
+    ct = names(list_models(modality="ct"))
+    assert {"MedSAM", "SAMed", "SAM-Med2D", "LiteMedSAM", "RadFM"} <= ct
+    assert not ct & {"CheXzero", "MedCLIP", "SAM", "PMC-LLaMA"}
+    assert names(list_models(modality="x-RAY")) >= {"CheXzero", "MedCLIP", "BioViL-T", "XrayGPT"}
+
+
+def test_filter_by_prompt_box_gives_the_sam_family():
+    assert names(list_models(prompt="box")) == SAM_FAMILY
+    assert names(list_models(prompt="mask")) == {"SAM", "SAM-Med2D"}
+    assert names(list_models(prompt="none")) == {"SAMed", "AutoSAM", "Clinical-BERT"}
+
+
+def test_filters_combine_and_results_are_sorted():
+    assert names(list_models(category="visually-prompted", modality="CT", prompt="box")) == {
+        "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM zero-shot study",
+    }
+    cards = list_models()
+    assert cards == sorted(cards, key=lambda card: (card.category, card.name.lower()))
+    assert cards[0].category == "textually-prompted" and cards[-1].category == "visually-prompted"
+
+
+@pytest.mark.parametrize(
+    ("filters", "suggestion"),
+    [({"modality": "CTT"}, "CT"), ({"prompt": "boxes"}, "box"), ({"category": "adaptations"}, "adaptation")],
+)
+def test_unknown_filter_value_is_a_clear_error(filters, suggestion):
+    with pytest.raises(MedfmError, match=f"did you mean: {suggestion}"):
+        list_models(**filters)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected_id"),
+    [
+        ("medsam", "medsam"),  # id
+        ("sam-med2d", "sam-med2d"),
+        ("MedSAM", "medsam"),  # display name, any case
+        ("medical sam adapter", "msa"),
+        ("Med-PaLM 2", "med-palm-2"),
+        ("litemedsam", "litemedsam"),  # medfm name
+        ("sam-vit-l", "sam"),
+        ("sam-vit-h", "sam"),
+        ("msa", "msa"),
+    ],
+)
+def test_get_card_by_id_name_or_medfm_name(query, expected_id):
+    assert get_card(query).id == expected_id
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(MedfmError, match="did you mean: .*medsam"):
+        get_card("medsan")
+    with pytest.raises(MedfmError, match="medfm models"):
+        get_card("resnet-50-imagenet")
+
+
+def test_cards_table_rows():
+    [row] = cards_table_rows([get_card("sam-med2d")])
+    assert row[:3] == ["SAM-Med2D", "2023", "visually-prompted/adaptation"]
+    assert row[4:] == ["box, point, mask", "planned"]
+    assert cards_table_rows([get_card("gmai")])[0][3:5] == ["-", "-"]
+
+
+# -- malformed cards: the loader names the file and the problem ------------------------------------
+
+
+DROP = object()  # a change that removes the field
+
+
+def write_card(directory: Path, filename: str, **changes: object) -> None:
+    """Write a copy of MedSAM's card with ``changes`` applied."""
+    data = json.loads((CARDS_DIR / "medsam.json").read_text(encoding="utf-8"))
+    data.update(changes)
+    data = {key: value for key, value in data.items() if value is not DROP}
+    (directory / filename).write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_a_valid_card_loads_from_any_directory(tmp_path):
+    write_card(tmp_path, "medsam.json")
+    (tmp_path / "README.txt").write_text("not a card")
+    [card] = _load_cards(tmp_path)
+    assert card == get_card("medsam")
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"homepage": "https://example.org"}, "unknown field.*homepage"),
+        ({"license": DROP}, "missing field.*license"),
+        ({"modalities": ["CT", "sonar"]}, "modalities 'sonar' is not one of"),
+        ({"prompt_types": ["lasso"]}, "prompt_types 'lasso'"),
+        ({"support": "works"}, "support 'works'"),
+        ({"category": "audio-prompted"}, "category 'audio-prompted'"),
+        ({"subcategory": "contrastive"}, "subcategory of visually-prompted 'contrastive'"),
+        ({"year": "2023"}, "'year' must be an integer"),
+        ({"arxiv": "arXiv:2304.12306"}, "'arxiv' must be an arXiv id"),
+        ({"id": "MedSAM"}, "'id' must be a lowercase slug"),
+        ({"code": "github.com/bowang-lab/MedSAM"}, "'code' must be an http"),
+        ({"modalities": "CT"}, "'modalities' must be a list of strings"),
+        ({"tasks": ["segmentation", "segmentation"]}, "'tasks' lists a value twice"),
+        ({"category": ["visually-prompted"]}, "'category' must be a non-empty string"),
+    ],
+)
+def test_malformed_card_is_a_clear_error_naming_the_file(tmp_path, changes, problem):
+    write_card(tmp_path, "broken.json", **changes)
+    with pytest.raises(MedfmError, match=f"model card broken.json: {problem}"):
+        _load_cards(tmp_path)
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    (tmp_path / "broken.json").write_text('{"id": "x",', encoding="utf-8")
+    with pytest.raises(MedfmError, match="model card broken.json: not valid JSON"):
+        _load_cards(tmp_path)
+
+
+def test_duplicate_id_names_both_files(tmp_path):
+    write_card(tmp_path, "a.json")
+    write_card(tmp_path, "b.json", name="MedSAM copy", medfm_names=[])
+    with pytest.raises(MedfmError, match="model card b.json: 'medsam'.*already used by a.json"):
+        _load_cards(tmp_path)
+
+
+def test_medfm_name_claimed_twice_is_an_error(tmp_path):
+    write_card(tmp_path, "a.json")
+    write_card(tmp_path, "b.json", id="medsam-2", name="MedSAM 2")
+    with pytest.raises(MedfmError, match="b.json: 'medsam'.*already used by a.json"):
+        _load_cards(tmp_path)
+
+
+def test_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(MedfmError, match="no model cards"):
+        _load_cards(tmp_path)
