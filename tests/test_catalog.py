@@ -62,9 +62,16 @@ def test_every_card_validates_and_matches_its_file():
 
 
 def test_support_tells_the_truth_today():
-    # Nothing runs yet: only "planned" or, where no weights are public, "closed-weights".
+    # A card that claims to run published weights names registry entries that exist and point
+    # back at it; everything else is planned or has no public weights.
+    from medfm.segment.model import PRETRAINED
+
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
-    assert {card.support for card in list_models()} == {"planned", "closed-weights"}
+    running = list_models(support="runs-published-weights")
+    assert {card.id for card in running} == {"litemedsam", "sam", "medsam"}
+    for card in running:
+        assert card.medfm_names and all(PRETRAINED[name].card == card.id for name in card.medfm_names)
+    assert {card.support for card in list_models()} == {"planned", "closed-weights", "runs-published-weights"}
     assert all(card.weights is None for card in list_models(support="closed-weights"))
 
 

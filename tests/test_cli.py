@@ -34,3 +34,17 @@ def test_bad_input_is_one_line_without_traceback(tmp_path) -> None:
         assert result.returncode == 2
         assert "Traceback" not in result.stderr and str(path) in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_group_numeric_options() -> None:
+    from medfm.cli import group_numeric_options
+
+    assert group_numeric_options(["segment", "a.png", "--box", "1", "2", "3", "4", "--point", "5", "6", "-o", "m.png"]) == [
+        "segment", "a.png", "--box", "1 2 3 4", "--point", "5 6", "-o", "m.png"]
+    assert group_numeric_options(["--box", "1,2,3,4"]) == ["--box", "1,2,3,4"]
+
+
+def test_segment_bad_box_is_one_line(tmp_path) -> None:
+    result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "1", "2", "3", "-o", str(tmp_path / "m.png"))
+    assert result.returncode == 2 and "--box takes 4 numbers" in result.stderr
+    assert not (tmp_path / "m.png").exists()

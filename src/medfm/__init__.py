@@ -8,23 +8,38 @@ from medfm.errors import (
     OutputFileError,
     PromptError,
 )
-from medfm.io import MedicalImage, read_image, write_mask
+from medfm.io import MedicalImage, read_image, write_image, write_mask
+from medfm.prompts import Box, Points
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Box",
     "CheckpointError",
     "InputFileError",
     "MedfmError",
     "MedicalImage",
     "MissingDependencyError",
     "OutputFileError",
+    "Points",
     "PromptError",
     "__version__",
     "list_models",
+    "load",
     "read_image",
+    "write_image",
     "write_mask",
 ]
+
+
+def load(name_or_path: str = "litemedsam", **options):  # noqa: ANN201 - SegmentationModel, imported lazily
+    """Load a segmentation model: a registry name, a medfm model folder, or a name plus ``weights=``.
+
+    See `medfm.segment.model.load`; imported on first use so that ``import medfm`` stays light.
+    """
+    from medfm.segment.model import load as _load
+
+    return _load(name_or_path, **options)
 
 
 def list_models(**filters: str | None) -> list:

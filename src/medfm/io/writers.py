@@ -74,6 +74,18 @@ def write_mask(
     return path
 
 
+def write_image(rgb: np.ndarray, path: str | PathLike[str]) -> Path:
+    """Write a uint8 grey or RGB picture (an overlay, a figure) as PNG or JPEG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() not in {".png", ".jpg", ".jpeg"}:
+        raise OutputFileError(path, "pictures are written as .png or .jpg")
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(temporary, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+    return path
+
+
 def _writer_for(path: Path) -> Callable[..., None]:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):

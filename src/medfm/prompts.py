@@ -1,0 +1,88 @@
+"""Visual prompts: boxes and clicks in input-pixel coordinates (x to the right, y down).
+
+A box ``Box(x0, y0, x1, y1)`` uses the convention of MedSAM and segment-anything: the corners are
+pixel indices, so the tight box of a mask is ``(min col, min row, max col, max row)``, and
+``Box.from_mask`` gives exactly that. Everything is validated against the image it is used with,
+so an inverted box or a click outside the image is a `PromptError`, never a silent clamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medfm.errors import PromptError
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box ``(x0, y0, x1, y1)`` in input pixels, corners inclusive."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self) -> None:
+        values = (self.x0, self.y0, self.x1, self.y1)
+        if not all(np.isfinite(v) for v in values):
+            raise PromptError(f"box {values} has a non-finite coordinate")
+        if self.x1 < self.x0 or self.y1 < self.y0:
+            raise PromptError(f"box {values} is inverted: it needs x0 <= x1 and y0 <= y1")
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Box:
+        """The tight box around the non-zero pixels of a 2D mask."""
+        rows, cols = np.nonzero(np.asarray(mask))
+        if rows.size == 0:
+            raise PromptError("cannot take the box of an empty mask")
+        return cls(float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
+
+    def as_array(self) -> np.ndarray:
+        """``[x0, y0, x1, y1]`` as float64."""
+        return np.array([self.x0, self.y0, self.x1, self.y1], dtype=np.float64)
+
+    def check_inside(self, height: int, width: int) -> None:
+        """Raise `PromptError` unless the box lies within an image of this size."""
+        if self.x0 < 0 or self.y0 < 0 or self.x1 > width - 1 or self.y1 > height - 1:
+            raise PromptError(
+                f"box ({self.x0:g}, {self.y0:g}, {self.x1:g}, {self.y1:g}) reaches outside the "
+                f"{width}x{height} image (valid x 0..{width - 1}, y 0..{height - 1})"
+            )
+
+
+@dataclass(frozen=True)
+class Points:
+    """Clicks: ``coords`` (K, 2) as (x, y) input pixels, ``labels`` (K,) 1 positive / 0 negative."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        coords = np.asarray(self.coords, dtype=np.float64).reshape(-1, 2)
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if len(coords) == 0:
+            raise PromptError("a point prompt needs at least one point")
+        if len(coords) != len(labels):
+            raise PromptError(f"{len(coords)} points but {len(labels)} labels")
+        if not np.isin(labels, (0, 1)).all():
+            raise PromptError(f"point labels must be 1 (positive) or 0 (negative), got {sorted(set(labels.tolist()))}")
+        if not np.isfinite(coords).all():
+            raise PromptError("a point has a non-finite coordinate")
+        object.__setattr__(self, "coords", coords)
+        object.__setattr__(self, "labels", labels)
+
+    @classmethod
+    def positive(cls, *xy: Sequence[float]) -> Points:
+        """Positive clicks at the given (x, y) positions."""
+        return cls(np.asarray(xy, dtype=np.float64), np.ones(len(xy), dtype=np.int64))
+
+    def check_inside(self, height: int, width: int) -> None:
+        """Raise `PromptError` unless every point lies within an image of this size."""
+        x, y = self.coords[:, 0], self.coords[:, 1]
+        outside = (x < 0) | (y < 0) | (x > width - 1) | (y > height - 1)
+        if outside.any():
+            bad = self.coords[outside][0]
+            raise PromptError(f"point ({bad[0]:g}, {bad[1]:g}) lies outside the {width}x{height} image")

@@ -1,0 +1,226 @@
+"""The interactive predictor: encode an image once, then answer any number of prompts cheaply.
+
+Modelled on segment-anything's ``SamPredictor``, with medfm's additions: it takes a
+`MedicalImage` (or a path), applies the checkpoint's own preprocessing, validates prompts against
+the input, and returns masks on exactly the input grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from medfm.errors import PromptError
+from medfm.intensity import IntensityPreset
+from medfm.io import MedicalImage, read_image
+from medfm.preprocess import Geometry, prepare, to_uint8_rgb
+from medfm.prompts import Box, Points
+
+if TYPE_CHECKING:
+    from medfm.segment.model import SegmentationModel
+
+
+@dataclass
+class Prediction:
+    """Masks for N prompts on the input grid.
+
+    ``masks`` (N, H, W) bool, ``scores`` (N,) predicted IoU, ``logits`` (N, H, W) float32 on the
+    input grid, ``low_res_logits`` (N, h, w) on the model's low-res grid (feed them back as
+    ``mask_input``). With ``multimask`` the best of the candidates is chosen per prompt and all of
+    them are in ``candidates`` (N, M, H, W) and ``candidate_scores`` (N, M).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+    low_res_logits: np.ndarray
+    candidates: np.ndarray | None = None
+    candidate_scores: np.ndarray | None = None
+
+    def label_map(self) -> np.ndarray:
+        """One label per prompt (1..N, 0 background); where masks overlap the higher logit wins."""
+        if len(self.masks) == 0:
+            raise PromptError("no prompts, so no label map")
+        winner = np.argmax(np.where(self.masks, self.logits, -np.inf), axis=0)
+        labels = (winner + 1).astype(np.uint8 if len(self.masks) < 256 else np.uint16)
+        return np.where(self.masks.any(axis=0), labels, 0).astype(labels.dtype)
+
+
+BoxesLike = Box | Sequence[Box] | Sequence[Sequence[float]] | np.ndarray
+
+
+class Predictor:
+    """``set_image`` once (the costly encoder pass), then ``predict`` with boxes, points or masks."""
+
+    def __init__(self, model: SegmentationModel) -> None:
+        self.model = model
+        self.embedding: torch.Tensor | None = None
+        self.geometry: Geometry | None = None
+        self._volume_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.network.parameters()).device
+
+    def set_image(
+        self,
+        image: MedicalImage | str | PathLike[str] | np.ndarray,
+        slice_index: int | None = None,
+        intensity: IntensityPreset | None = None,
+    ) -> None:
+        """Encode one 2D image, or slice ``slice_index`` (along Z) of a volume, and cache it.
+
+        Intensities are normalised over the whole volume (not per slice) with ``intensity`` or
+        the modality's default preset; uint8 photographs pass unchanged.
+        """
+        if not isinstance(image, MedicalImage):
+            image = read_image(image) if not isinstance(image, np.ndarray) else _wrap_array(image)
+        if image.is_volume:
+            if slice_index is None:
+                raise PromptError(f"{image.path or 'the image'} is a volume: pass slice_index (0..{image.array.shape[0] - 1})")
+            rgb = self._volume_uint8(image, intensity)
+            if not -len(rgb) <= slice_index < len(rgb):
+                raise PromptError(f"slice {slice_index} is outside the volume's {len(rgb)} slices")
+            rgb = rgb[slice_index]
+        else:
+            if slice_index not in (None, 0):
+                raise PromptError("slice_index only applies to volumes")
+            rgb = to_uint8_rgb(image.array, intensity, image.modality)
+        pixels, self.geometry = prepare(rgb, self.model.preprocess)
+        with torch.inference_mode():
+            self.embedding = self.model.network.encode(pixels.to(self.device))
+
+    def _volume_uint8(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        key = id(image.array) ^ hash(intensity)
+        if self._volume_cache is None or self._volume_cache[0] != key:
+            self._volume_cache = (key, to_uint8_rgb(image.array, intensity, image.modality))
+        return self._volume_cache[1]
+
+    def predict(
+        self,
+        boxes: BoxesLike | None = None,
+        points: Points | np.ndarray | Sequence | None = None,
+        point_labels: np.ndarray | Sequence | None = None,
+        mask_input: np.ndarray | Prediction | None = None,
+        multimask: bool = False,
+    ) -> Prediction:
+        """Masks for every prompt of the cached image, batched through the decoder in one call.
+
+        ``boxes``: N boxes (`Box` or ``[x0, y0, x1, y1]``). ``points``: `Points`, or coordinates
+        (K, 2) for one prompt or (N, K, 2) for N prompts, with ``point_labels`` (1 positive, 0
+        negative; all positive if omitted). With both boxes and points, the points belong to the
+        boxes one to one (or a single point set to a single box). ``mask_input``: a binary mask on
+        the input grid (H, W) or (N, H, W), or a previous `Prediction` to refine.
+        """
+        if self.embedding is None or self.geometry is None:
+            raise PromptError("call set_image() before predict()")
+        height, width = self.geometry.original_hw
+        box_array = self._boxes(boxes, height, width)
+        coords, labels = self._points(points, point_labels, height, width)
+        count = _prompt_count(box_array, coords, mask_input)
+        to_tensor = lambda array: torch.as_tensor(array, dtype=torch.float32, device=self.device)  # noqa: E731
+        model_boxes = to_tensor(self.geometry.boxes_to_model(box_array)) if box_array is not None else None
+        model_points = model_labels = None
+        if coords is not None:
+            model_points = to_tensor(self.geometry.points_to_model(coords))
+            model_labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
+        masks_in = self._mask_input(mask_input, count)
+        with torch.inference_mode():
+            low_res, iou = self.model.network.decode(
+                self.embedding, boxes=model_boxes, points=model_points, point_labels=model_labels,
+                mask_input=masks_in, multimask=multimask,
+            )
+            logits = self.geometry.logits_to_input(low_res)
+        threshold = self.model.preprocess.mask_threshold
+        low_res, iou, logits = low_res.float().cpu().numpy(), iou.float().cpu().numpy(), logits.float().cpu().numpy()
+        best = np.argmax(iou, axis=1)
+        rows = np.arange(len(best))
+        return Prediction(
+            masks=logits[rows, best] > threshold,
+            scores=iou[rows, best],
+            logits=logits[rows, best],
+            low_res_logits=low_res[rows, best],
+            candidates=logits > threshold if multimask else None,
+            candidate_scores=iou if multimask else None,
+        )
+
+    @staticmethod
+    def _boxes(boxes: BoxesLike | None, height: int, width: int) -> np.ndarray | None:
+        if boxes is None:
+            return None
+        if isinstance(boxes, Box) or (isinstance(boxes, np.ndarray) and boxes.ndim == 1):
+            boxes = [boxes]
+        items = []
+        for box in boxes:
+            if not isinstance(box, Box):
+                values = [float(v) for v in np.asarray(box).reshape(-1)]
+                if len(values) != 4:
+                    raise PromptError(f"a box needs 4 numbers (x0, y0, x1, y1), got {values}")
+                box = Box(*values)
+            box.check_inside(height, width)
+            items.append(box.as_array())
+        if not items:
+            raise PromptError("the list of boxes is empty")
+        return np.stack(items)
+
+    @staticmethod
+    def _points(points, labels, height: int, width: int) -> tuple[np.ndarray | None, np.ndarray | None]:  # noqa: ANN001
+        if points is None:
+            if labels is not None:
+                raise PromptError("point_labels given without points")
+            return None, None
+        if isinstance(points, Points):
+            groups = [points]
+        else:
+            coords = np.asarray(points, dtype=np.float64)
+            if coords.ndim == 2:
+                coords = coords[None]
+            if coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[1] == 0:
+                raise PromptError(f"points must have shape (K, 2) or (N, K, 2), got {np.shape(points)}")
+            label_array = np.ones(coords.shape[:2]) if labels is None else np.asarray(labels).reshape(coords.shape[:2])
+            groups = [Points(c, l) for c, l in zip(coords, label_array)]
+        for group in groups:
+            group.check_inside(height, width)
+        return np.stack([g.coords for g in groups]), np.stack([g.labels for g in groups])
+
+    def _mask_input(self, mask_input: np.ndarray | Prediction | None, count: int) -> torch.Tensor | None:
+        if mask_input is None:
+            return None
+        low = 4 * self.model.network.config.embedding_size
+        if isinstance(mask_input, Prediction):
+            frames = mask_input.low_res_logits
+        else:
+            masks = np.asarray(mask_input)
+            masks = masks[None] if masks.ndim == 2 else masks
+            if masks.shape[1:] != self.geometry.original_hw:
+                raise PromptError(f"mask_input has shape {masks.shape[1:]}, the image {self.geometry.original_hw}")
+            frames = np.stack([self.geometry.mask_to_model(m, low) for m in masks])
+        if len(frames) != count:
+            raise PromptError(f"{len(frames)} mask inputs for {count} prompts")
+        return torch.as_tensor(frames, dtype=torch.float32, device=self.device)[:, None]
+
+
+def _prompt_count(boxes: np.ndarray | None, coords: np.ndarray | None, mask_input: object) -> int:
+    counts = {len(a) for a in (boxes, coords) if a is not None}
+    if len(counts) > 1:
+        raise PromptError(f"{len(boxes)} boxes but {len(coords)} point sets: give one point set per box")
+    if counts:
+        return counts.pop()
+    if mask_input is None:
+        raise PromptError("no prompt given: pass boxes, points or mask_input")
+    if isinstance(mask_input, Prediction):
+        return len(mask_input.low_res_logits)
+    return 1 if np.ndim(mask_input) == 2 else len(mask_input)
+
+
+def _wrap_array(array: np.ndarray) -> MedicalImage:
+    from medfm.io.image import image_geometry_2d
+
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
+        raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {array.shape}")
+    return MedicalImage(array=array, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
