@@ -10,7 +10,7 @@ from tests.conftest import EXAMPLES
 
 
 def run_medfm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medfm", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "medfm", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_info_json_on_bundled_samples() -> None:

@@ -73,3 +73,33 @@ def test_segment_dicom_series_to_dicom_seg_and_nifti(tmp_path) -> None:
     np.testing.assert_allclose(nib.load(nifti_path).affine, nib.load(EXAMPLES / "totalseg_example_ct.nii.gz").affine, atol=1e-4)
     seg = highdicom.seg.segread(seg_path)
     assert len(seg.SegmentSequence) == 1 and seg.NumberOfFrames >= 1
+
+
+@needs_litemedsam
+def test_segment_volume_from_a_label_map(tmp_path) -> None:
+    reference = medfm.read_image(EXAMPLES / "totalseg_example_ct_mask.nii.gz").array
+    coarse = tmp_path / "kidney.nii.gz"
+    ct = medfm.read_image(EXAMPLES / "totalseg_example_ct.nii.gz")
+    medfm.write_mask(np.where(reference == 3, reference, 0), coarse, like=ct)  # the left kidney
+    out = tmp_path / "kidneys_medfm.nii.gz"
+    result = run_medfm("segment", str(EXAMPLES / "totalseg_example_ct.nii.gz"), "--modality", "CT",
+                       "--boxes-from", str(coarse), "-o", str(out), "--reference", str(EXAMPLES / "totalseg_example_ct_mask.nii.gz"))
+    assert result.returncode == 0, result.stderr
+    dice = dict(part.strip().split(": ") for part in result.stdout.split("Dice vs reference:")[1].split(","))
+    assert list(dice) == ["label 3"] and float(dice["label 3"]) > 0.85
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(EXAMPLES / "totalseg_example_ct.nii.gz").affine, atol=1e-5)
+
+
+def test_volume_prompt_errors(tmp_path) -> None:
+    volume = str(EXAMPLES / "totalseg_example_ct.nii.gz")
+    for args, message in [
+        (["--box3d", "0", "0", "0", "500", "50", "10"], "reaches outside the volume"),
+        (["--box3d", "0", "0", "9", "50", "50", "3"], "inverted or has an empty range"),
+        (["--box3d", "0", "0", "3", "50", "50"], "--box3d takes 6 numbers"),
+        (["--box3d", "0", "0", "3", "50", "50", "9", "--slice", "4"], "do not combine"),
+    ]:
+        result = run_medfm("segment", volume, *args, "-o", str(tmp_path / "m.nii.gz"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box3d", "0", "0", "0", "5", "5", "0",
+                       "-o", str(tmp_path / "m.png"))
+    assert result.returncode == 2 and "not a volume" in result.stderr

@@ -85,6 +85,8 @@ def segment(
     point: Annotated[Optional[list[str]], typer.Option(help="Positive click X Y; repeatable.", metavar="X Y")] = None,
     negative_point: Annotated[Optional[list[str]], typer.Option(help="Negative click X Y; repeatable.", metavar="X Y")] = None,
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice (along Z) of a volume.")] = None,
+    box3d: Annotated[Optional[list[str]], typer.Option(help="3D box X0 Y0 Z0 X1 Y1 Z1 (voxels, inclusive); repeat for more labels.", metavar="X0 Y0 Z0 X1 Y1 Z1")] = None,
+    boxes_from: Annotated[Optional[Path], typer.Option(help="Label map on the same grid: segment every label's 3D box.")] = None,
     model: Annotated[str, typer.Option(help="Registry name or model folder.")] = "litemedsam",
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file for the named model.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Override the file's modality (e.g. CT).")] = None,
@@ -93,19 +95,34 @@ def segment(
     reference: Annotated[Optional[Path], typer.Option(help="A reference mask: print the Dice against it.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Segment a 2D image or one slice of a volume from boxes and clicks; one label per box."""
+    """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
     from medfm.intensity import preset
-    from medfm.prompts import Box, Points
+    from medfm.prompts import Box, Box3D, Points
     from medfm.segment.model import load
-    from medfm.segment.run import dice_per_label, overlay as draw_overlay, segment as run_segment
+    from medfm.segment.run import overlay as draw_overlay, segment as run_segment
 
     boxes = [Box(*_numbers(text, 4, "--box")) for text in box or []]
     clicks = [(_numbers(t, 2, "--point"), 1) for t in point or []] + [(_numbers(t, 2, "--negative-point"), 0) for t in negative_point or []]
     points = Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None
     intensity = preset(window) if window else None
     image = medfm.read_image(input_path, modality=modality)
-    result = run_segment(image, boxes, points, slice_index=slice_index,
-                         model=load(model, weights=weights, device=device), intensity=intensity)
+    network = load(model, weights=weights, device=device)
+    if box3d or boxes_from:
+        from medfm.segment.volume import prompts_from_labels, segment_volume
+
+        if boxes or points or slice_index is not None:
+            raise medfm.PromptError("3D boxes segment the whole volume: do not combine them with --box, --point or --slice")
+        prompts = [Box3D(*(int(v) for v in _numbers(text, 6, "--box3d"))) for text in box3d or []]
+        if boxes_from is not None:
+            prompts += prompts_from_labels(_label_map_like(boxes_from, image))
+        volume = segment_volume(network.predictor(), image, prompts, intensity=intensity, progress=True)
+        medfm.write_mask(volume.label_map, output, like=image)
+        console.print(f"wrote {output} ({len(volume.slices)} structure(s), {sum(map(len, volume.slices.values()))} slices "
+                      f"segmented, {volume.encoded_slices} encoded) in {volume.seconds:.1f} s", highlight=False)
+        if reference is not None:
+            _print_dice(volume.label_map, reference, sorted(volume.slices))
+        return
+    result = run_segment(image, boxes, points, slice_index=slice_index, model=network, intensity=intensity)
     medfm.write_mask(result.label_map, output, like=image)
     if overlay is not None:
         medfm.write_image(draw_overlay(result, boxes, points, intensity), overlay)
@@ -113,8 +130,22 @@ def segment(
         f"{s:.3f}" for s in result.prediction.scores) + f"); encoder {result.encode_seconds:.2f} s, decoder {result.decode_seconds * 1000:.0f} ms"
     console.print(summary, highlight=False)
     if reference is not None:
-        scores = dice_per_label(result.label_map, medfm.read_image(reference).array)
-        console.print("Dice vs reference: " + ", ".join(f"label {k}: {v:.4f}" for k, v in scores.items()), highlight=False)
+        _print_dice(result.label_map, reference, list(range(1, len(result.prediction.masks) + 1)))
+
+
+def _print_dice(label_map, reference: Path, labels: list[int]) -> None:  # noqa: ANN001 - numpy array
+    from medfm.segment.run import dice_per_label
+
+    scores = dice_per_label(label_map, medfm.read_image(reference).array, labels)
+    console.print("Dice vs reference: " + ", ".join(f"label {k}: {v:.4f}" for k, v in scores.items()), highlight=False)
+
+
+def _label_map_like(path: Path, image: "medfm.MedicalImage"):  # noqa: ANN202 - numpy array
+    """A label map that must lie on the image's grid (same shape), read from ``path``."""
+    labels = medfm.read_image(path).array
+    if labels.shape != image.spatial_shape:
+        raise medfm.InputFileError(path, f"label map shape {labels.shape} differs from the image's {image.spatial_shape}")
+    return labels
 
 
 def _numbers(text: str, count: int, option: str) -> list[float]:
@@ -136,7 +167,7 @@ def version() -> None:
 
 
 #: Options that take several numbers, as in ``--box 120 80 210 190`` (click needs one token each).
-NUMERIC_OPTIONS = {"--box", "--point", "--negative-point"}
+NUMERIC_OPTIONS = {"--box", "--box3d", "--point", "--negative-point"}
 
 
 def group_numeric_options(argv: list[str]) -> list[str]:

@@ -86,3 +86,44 @@ class Points:
         if outside.any():
             bad = self.coords[outside][0]
             raise PromptError(f"point ({bad[0]:g}, {bad[1]:g}) lies outside the {width}x{height} image")
+
+
+@dataclass(frozen=True)
+class Box3D:
+    """A 3D box in voxel indices of a ``(Z, Y, X)`` volume, corners inclusive, written as the CVPR 2024
+    "MedSAM on Laptop" challenge does: ``(x0, y0, z0, x1, y1, z1)`` with x along the last axis."""
+
+    x0: int
+    y0: int
+    z0: int
+    x1: int
+    y1: int
+    z1: int
+
+    def __post_init__(self) -> None:
+        values = (self.x0, self.y0, self.z0, self.x1, self.y1, self.z1)
+        if any(float(v) != int(v) for v in values):
+            raise PromptError(f"3D box {values} must hold whole voxel indices")
+        if self.x1 < self.x0 or self.y1 < self.y0 or self.z1 < self.z0:
+            raise PromptError(f"3D box {values} is inverted or has an empty range: it needs x0 <= x1, y0 <= y1, z0 <= z1")
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Box3D:
+        """The tight 3D box around the non-zero voxels of a ``(Z, Y, X)`` mask."""
+        zs, ys, xs = np.nonzero(np.asarray(mask))
+        if zs.size == 0:
+            raise PromptError("cannot take the box of an empty mask")
+        return cls(int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max()))
+
+    def box2d(self) -> Box:
+        """The in-plane part as a 2D box."""
+        return Box(float(self.x0), float(self.y0), float(self.x1), float(self.y1))
+
+    def check_inside(self, shape: tuple[int, int, int]) -> None:
+        """Raise `PromptError` unless the box lies within a volume of this ``(Z, Y, X)`` shape."""
+        depth, height, width = shape
+        if self.x0 < 0 or self.y0 < 0 or self.z0 < 0 or self.x1 >= width or self.y1 >= height or self.z1 >= depth:
+            raise PromptError(
+                f"3D box ({self.x0}, {self.y0}, {self.z0}, {self.x1}, {self.y1}, {self.z1}) reaches outside the volume "
+                f"(x 0..{width - 1}, y 0..{height - 1}, z 0..{depth - 1})"
+            )

@@ -7,7 +7,7 @@ the input, and returns masks on exactly the input grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -94,6 +94,25 @@ class Predictor:
         pixels, self.geometry = prepare(rgb, self.model.preprocess)
         with torch.inference_mode():
             self.embedding = self.model.network.encode(pixels.to(self.device))
+
+    def encode_slices(
+        self, image: MedicalImage, indices: Sequence[int], intensity: IntensityPreset | None = None, batch_size: int = 4
+    ) -> Iterator[tuple[int, torch.Tensor, Geometry]]:
+        """Encode slices of a volume in batches (the encoder dominates 3D time) and yield
+        ``(index, embedding, geometry)``; pass them to `use_embedding` to prompt a slice."""
+        volume = self._volume_uint8(image, intensity)
+        for start in range(0, len(indices), batch_size):
+            chunk = list(indices[start : start + batch_size])
+            prepared = [prepare(volume[index], self.model.preprocess) for index in chunk]
+            pixels = torch.cat([pixels for pixels, _ in prepared]).to(self.device)
+            with torch.inference_mode():
+                embeddings = self.model.network.encode(pixels)
+            for offset, index in enumerate(chunk):
+                yield index, embeddings[offset : offset + 1], prepared[offset][1]
+
+    def use_embedding(self, embedding: torch.Tensor, geometry: Geometry) -> None:
+        """Make a previously computed embedding (from `encode_slices`) the one `predict` answers for."""
+        self.embedding, self.geometry = embedding, geometry
 
     def _volume_uint8(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
         key = id(image.array) ^ hash(intensity)

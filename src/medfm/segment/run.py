@@ -107,11 +107,13 @@ def overlay(
     return np.asarray(picture)
 
 
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray) -> dict[int, float]:
-    """Dice of each foreground label of the prediction against the same label in the reference
-    (both empty counts as 1.0)."""
+def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] | None = None) -> dict[int, float]:
+    """Dice of each label (default: every foreground label of either map) against the same label in
+    the reference; both empty counts as 1.0."""
     scores = {}
-    for label in sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0}):
+    if labels is None:
+        labels = sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0})
+    for label in labels:
         ours, theirs = prediction == label, reference == label
         total = ours.sum() + theirs.sum()
         scores[int(label)] = 1.0 if total == 0 else float(2 * (ours & theirs).sum() / total)
