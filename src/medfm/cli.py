@@ -93,6 +93,7 @@ def segment(
     window: Annotated[Optional[str], typer.Option(help="Intensity preset: soft_tissue, lung, bone, brain, mr, minmax.")] = None,
     overlay: Annotated[Optional[Path], typer.Option(help="Also write a PNG of the image with masks and prompts.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="A reference mask: print the Dice against it.")] = None,
+    uncertainty: Annotated[Optional[Path], typer.Option(help="Also write SAM-U's uncertainty map (20 jittered boxes) here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
@@ -122,8 +123,13 @@ def segment(
         if reference is not None:
             _print_dice(volume.label_map, reference, sorted(volume.slices))
         return
-    result = run_segment(image, boxes, points, slice_index=slice_index, model=network, intensity=intensity)
+    result = run_segment(image, boxes, points, slice_index=slice_index, model=network, intensity=intensity,
+                         uncertainty=uncertainty is not None)
     medfm.write_mask(result.label_map, output, like=image)
+    if uncertainty is not None:
+        from medfm.io.writers import write_map
+
+        write_map(result.uncertainty, uncertainty, like=image)
     if overlay is not None:
         medfm.write_image(draw_overlay(result, boxes, points, intensity), overlay)
     summary = f"wrote {output} ({len(result.prediction.masks)} label(s), scores " + ", ".join(
@@ -158,6 +164,37 @@ def _numbers(text: str, count: int, option: str) -> list[float]:
     if len(values) != count:
         raise medfm.PromptError(f"{option} takes {count} numbers, got '{text}'")
     return values
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="A dataset folder, a collection with manifest.json, or nnU-Net raw.")],
+    out: Annotated[Path, typer.Option(help="Folder for cases.csv, summary.json and report.html.")],
+    model: Annotated[Optional[list[str]], typer.Option(help="Registry name or model folder; repeat to compare.")] = None,
+    prompt: Annotated[str, typer.Option(help="box, box-jitter, points:K or points:K+N (negatives).")] = "box",
+    uncertainty: Annotated[bool, typer.Option(help="SAM-U: 20 jittered boxes per target, uncertainty statistics.")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt simulation.")] = 0,
+    tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
+) -> None:
+    """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
+    from medfm.evaluate.report import comparison_table, write_outputs
+    from medfm.evaluate.runner import evaluate as run_evaluation
+    from medfm.segment.model import load
+
+    models = {m.name: m for m in (load(name) for name in (model or ["litemedsam"]))}
+    evaluation = run_evaluation(list(models.values()), data, prompt=prompt, uncertainty=uncertainty, seed=seed,
+                                datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, progress=True)
+    paths = write_outputs(evaluation, out, models, prompt, seed)
+    header, body = comparison_table(json.loads(paths["summary"].read_text())["models"])
+    table = Table(title=f"{len(evaluation.cases)} cases in {evaluation.seconds:.0f} s")
+    for column in header:
+        table.add_column(column)
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {paths['cases']}, {paths['summary']}, {paths['report']}", highlight=False)
 
 
 @app.command()

@@ -86,6 +86,34 @@ def write_image(rgb: np.ndarray, path: str | PathLike[str]) -> Path:
     return path
 
 
+def write_map(values: np.ndarray, path: str | PathLike[str], like: MedicalImage | None = None) -> Path:
+    """Write a float map in [0, 1] (probability, uncertainty) on the grid of ``like``: NIfTI keeps
+    float32 values and the affine; PNG stores them scaled to 0-255; npz keeps float32 as ``map``."""
+    import nibabel as nib
+
+    path = Path(path)
+    values = np.asarray(values, dtype=np.float32)
+    if like is not None and tuple(values.shape) != like.spatial_shape:
+        raise OutputFileError(path, f"map shape {tuple(values.shape)} differs from the image's grid {like.spatial_shape}")
+    if path.resolve() in protected_paths(like):
+        raise OutputFileError(path, "refusing to write over an input; choose another output path")
+    name = path.name.lower()
+    with atomic_path(path) as temporary:
+        if name.endswith(NIFTI_SUFFIXES) and values.ndim == 3:
+            affine = ras_affine(like) if like is not None else np.eye(4)
+            nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), affine), temporary)
+        elif name.endswith(".png") and values.ndim == 2:
+            from PIL import Image
+
+            Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(temporary, format="PNG")
+        elif name.endswith(".npz"):
+            with open(temporary, "wb") as handle:
+                np.savez_compressed(handle, map=values)
+        else:
+            raise OutputFileError(path, "maps are written as .nii/.nii.gz (volumes), .png (2D) or .npz")
+    return path
+
+
 def _writer_for(path: Path) -> Callable[..., None]:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):

@@ -22,6 +22,7 @@ from medfm.preprocess import to_uint8_rgb
 from medfm.prompts import Box, Points
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction
+from medfm.segment.uncertainty import DEFAULT_BOX_COUNT, default_shift, jitter_box, predict_with_uncertainty
 
 
 @dataclass
@@ -34,6 +35,8 @@ class SegmentationResult:
     slice_index: int | None
     encode_seconds: float
     decode_seconds: float
+    #: SAM-U entropy (bits, 0..1) on the same grid as ``label_map``, when asked for.
+    uncertainty: np.ndarray | None = None
 
 
 def segment(
@@ -44,11 +47,13 @@ def segment(
     slice_index: int | None = None,
     model: SegmentationModel | str | None = None,
     intensity: IntensityPreset | None = None,
+    uncertainty: bool = False,
 ) -> SegmentationResult:
     """Segment one 2D image or one slice of a volume from boxes and/or clicks.
 
     Each box is one prompt and one label (1, 2, ...); clicks refine a single box, or form one
-    prompt on their own when no box is given.
+    prompt on their own when no box is given. With ``uncertainty`` each box is also prompted as
+    SAM-U's 20 jittered boxes and the result carries the per-pixel entropy (the maximum over boxes).
     """
     image = image if isinstance(image, MedicalImage) else read_image(image)
     model = model if isinstance(model, SegmentationModel) else load(model or "litemedsam")
@@ -72,12 +77,26 @@ def segment(
         point_labels=None if points is None else points.labels[None],
     )
     decoded = time.perf_counter()
+    entropy = None
+    if uncertainty:
+        if not boxes:
+            raise PromptError("uncertainty (SAM-U) needs box prompts")
+        height, width = prediction.masks.shape[1:]
+        entropy = np.max([
+            predict_with_uncertainty(predictor, jitter_box(box, DEFAULT_BOX_COUNT, default_shift(box), height, width, seed=i)).entropy
+            for i, box in enumerate(boxes)
+        ], axis=0)
     labels = prediction.label_map()
     if image.is_volume:
-        full = np.zeros(image.spatial_shape, dtype=labels.dtype)
-        full[slice_index] = labels
-        labels = full
-    return SegmentationResult(image, labels, prediction, slice_index, encoded - started, decoded - encoded)
+        labels, entropy = _on_volume(labels, image, slice_index), None if entropy is None else _on_volume(entropy, image, slice_index)
+    return SegmentationResult(image, labels, prediction, slice_index, encoded - started, decoded - encoded, entropy)
+
+
+def _on_volume(plane: np.ndarray, image: MedicalImage, slice_index: int) -> np.ndarray:
+    """A slice result placed on the whole volume grid (zeros elsewhere), to keep the input's geometry."""
+    full = np.zeros(image.spatial_shape, dtype=plane.dtype)
+    full[slice_index] = plane
+    return full
 
 
 def overlay(

@@ -12,8 +12,7 @@ reaches are never encoded, and every slice is encoded at most once for all label
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +22,7 @@ from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset
 from medfm.io import MedicalImage
 from medfm.preprocess import Geometry
+from medfm.progress import progress_bar
 from medfm.prompts import Box, Box3D
 from medfm.segment.predictor import Predictor
 
@@ -105,7 +105,7 @@ def segment_volume(
     best = np.full(image.spatial_shape, -np.inf, dtype=np.float32)
     result = VolumeSegmentation(labels)
     total = sum(p.box.z1 - p.box.z0 + 1 for p in prompts)
-    with _progress(progress, total) as advance:
+    with progress_bar(progress, total, "segmenting slices") as advance:
         for prompt in prompts:
             segmented = _propagate(predictor, cache, prompt, margin, labels, best, advance)
             result.slices[prompt.label] = sorted(segmented)
@@ -148,20 +148,6 @@ def _grown_box(mask: np.ndarray, margin: int, limit: Box3D) -> Box:
         max(tight.x0 - margin, limit.x0), max(tight.y0 - margin, limit.y0),
         min(tight.x1 + margin, limit.x1), min(tight.y1 + margin, limit.y1),
     )
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
-    """Yield a function that advances a rich progress bar over segmented slices (or does nothing)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("segmenting slices"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("slices", total=total)
-        yield lambda: bar.advance(task)
 
 
 __all__: Sequence[str] = ["VolumePrompt", "VolumeSegmentation", "prompts_from_labels", "segment_volume"]
