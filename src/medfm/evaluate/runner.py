@@ -1,0 +1,225 @@
+"""The evaluation runner behind ``medfm evaluate``: every case, every target, every model, one table.
+
+For each 2D case the image is encoded once per model and all of its simulated prompts go through
+the decoder in one batch; 3D cases are segmented from their 3D boxes by propagation. Each row of
+the result is one (model, case, target) with Dice, IoU, NSD and HD95 (spacing-aware) and the time
+it took; a target whose prompt makes no sense (a box around scattered or thin structures) carries a
+note and is kept out of the averages instead of passing silently into them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfm.evaluate.datasets import Case, discover_cases
+from medfm.evaluate.metrics import segmentation_metrics
+from medfm.evaluate.simulate import simulate_prompts
+from medfm.io import read_image
+from medfm.progress import progress_bar
+from medfm.prompts import Box3D
+from medfm.segment.model import SegmentationModel, load
+from medfm.segment.uncertainty import default_shift, error_detection_auc, jitter_box, predict_with_uncertainty
+from medfm.segment.volume import VolumePrompt, segment_volume
+
+METRICS = ("dice", "iou", "nsd", "hd95")
+SAM_U_BOXES = 20
+
+
+@dataclass
+class CaseResult:
+    """One row of ``cases.csv``."""
+
+    model: str
+    dataset: str
+    modality: str | None
+    case: str
+    label: int
+    target: str
+    prompt: str
+    dice: float
+    iou: float
+    nsd: float
+    hd95: float
+    seconds: float
+    note: str | None = None
+    uncertainty_auc: float | None = None
+    mean_uncertainty: float | None = None
+
+
+@dataclass
+class Evaluation:
+    """All rows, the cases they came from, and the wall time."""
+
+    rows: list[CaseResult] = field(default_factory=list)
+    cases: dict[tuple[str, str], Case] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate(
+    models: Sequence[str | SegmentationModel],
+    data: str | Path,
+    *,
+    prompt: str | Sequence[str] = "box",
+    uncertainty: bool = False,
+    seed: int = 0,
+    datasets: Sequence[str] | None = None,
+    limit_per_dataset: int | None = None,
+    tolerance_mm: float = 2.0,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate each model on every case under ``data`` with simulated prompts of each ``prompt`` mode
+    (one image embedding serves all modes and all targets of an image)."""
+    modes = [prompt] if isinstance(prompt, str) else list(prompt)
+    cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
+    loaded = [m if isinstance(m, SegmentationModel) else load(m) for m in models]
+    evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases})
+    started = time.perf_counter()
+    with progress_bar(progress, len(cases), "evaluating cases") as advance:
+        for case in cases:
+            image = read_image(case.image_path, modality=case.modality if case.modality in {"CT", "MR"} else None)
+            reference = read_image(case.mask_path).array
+            for model in loaded:
+                if case.is_volume:
+                    evaluation.rows += _evaluate_volume(model, case, image, reference, modes, tolerance_mm)
+                else:
+                    evaluation.rows += _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tolerance_mm)
+            advance()
+    evaluation.seconds = time.perf_counter() - started
+    return evaluation
+
+
+def _row(model: SegmentationModel, case: Case, label: int, prompt: str, metrics: dict, seconds: float, **extra) -> CaseResult:
+    return CaseResult(
+        model=model.name, dataset=case.dataset, modality=case.modality, case=case.case_id, label=label,
+        target=case.label_names.get(label, f"label {label}"), prompt=prompt, seconds=seconds,
+        **{k: float(metrics[k]) for k in METRICS}, **extra,
+    )
+
+
+def _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tolerance_mm) -> list[CaseResult]:  # noqa: ANN001
+    simulated_by_mode = {mode: simulate_prompts(reference, mode, seed=seed) for mode in modes}
+    if not any(simulated_by_mode.values()):
+        return []
+    predictor = model.predictor()
+    started = time.perf_counter()
+    predictor.set_image(image)
+    encode_seconds = time.perf_counter() - started
+    rows = []
+    for mode, prompts in simulated_by_mode.items():
+        if uncertainty:
+            rows += [_sam_u_row(model, case, predictor, simulated, reference, image, mode, seed, tolerance_mm, encode_seconds)
+                     for simulated in prompts]
+            continue
+        started = time.perf_counter()
+        if all(p.points is None for p in prompts):
+            prediction = predictor.predict(boxes=[p.box for p in prompts])
+        else:
+            prediction = predictor.predict(
+                boxes=[p.box for p in prompts] if all(p.box is not None for p in prompts) else None,
+                points=np.stack([p.points.coords for p in prompts]),
+                point_labels=np.stack([p.points.labels for p in prompts]),
+            )
+        seconds = encode_seconds / len(prompts) + (time.perf_counter() - started) / len(prompts)
+        rows += [
+            _row(model, case, simulated.label, mode,
+                 segmentation_metrics(mask, reference == simulated.label, image.spacing, tolerance_mm), seconds, note=simulated.note)
+            for simulated, mask in zip(prompts, prediction.masks)
+        ]
+    return rows
+
+
+def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed, tolerance_mm, encode_seconds) -> CaseResult:  # noqa: ANN001
+    """SAM-U for one target: 20 jittered boxes, mean probability, entropy as the uncertainty."""
+    started = time.perf_counter()
+    boxes = jitter_box(simulated.box, SAM_U_BOXES, default_shift(simulated.box), *image.spatial_shape, seed=seed + simulated.label)
+    result = predict_with_uncertainty(predictor, boxes)
+    truth = reference == simulated.label
+    region = _boxes_region(boxes, image.spatial_shape)
+    return _row(
+        model, case, simulated.label, f"{prompt}+sam-u", segmentation_metrics(result.mask, truth, image.spacing, tolerance_mm),
+        encode_seconds + time.perf_counter() - started, note=simulated.note,
+        uncertainty_auc=error_detection_auc(result.entropy, result.mask, truth, region),
+        mean_uncertainty=float(result.entropy[region].mean()),
+    )
+
+
+def _evaluate_volume(model, case, image, reference, modes, tolerance_mm) -> list[CaseResult]:  # noqa: ANN001
+    if not any(mode.startswith("box") for mode in modes):
+        return []  # clicks are 2D prompts; volumes are prompted with 3D boxes
+    labels = [int(v) for v in np.unique(reference) if v != 0]
+    started = time.perf_counter()
+    prompts = [VolumePrompt(Box3D.from_mask(reference == label), label) for label in labels]
+    result = segment_volume(model.predictor(), image, prompts)
+    seconds = (time.perf_counter() - started) / max(1, len(labels))
+    return [
+        _row(model, case, label, "box3d",
+             segmentation_metrics(result.label_map == label, reference == label, image.spacing, tolerance_mm), seconds)
+        for label in labels
+    ]
+
+
+def _boxes_region(boxes, shape: tuple[int, int]) -> np.ndarray:  # noqa: ANN001
+    """The union of the boxes: where the prompts asked the model to decide."""
+    region = np.zeros(shape, bool)
+    for box in boxes:
+        region[int(box.y0) : int(math.ceil(box.y1)) + 1, int(box.x0) : int(math.ceil(box.x1)) + 1] = True
+    return region
+
+
+def run_name(row: CaseResult, several_prompts: bool) -> str:
+    """How a (model, prompt mode) run is named in summaries: the model, plus the mode when several ran."""
+    return f"{row.model} ({row.prompt})" if several_prompts else row.model
+
+
+def summarize(rows: Sequence[CaseResult]) -> dict:
+    """Per run (model, or model and prompt mode): per dataset and per modality n, mean and median of
+    each metric; the mean over datasets; how many questionable prompts were kept out; with SAM-U
+    rows, how well the uncertainty predicts errors (pixel AUC) and how it correlates with Dice."""
+    several = len({r.prompt for r in rows if r.prompt != "box3d"}) > 1
+    summary: dict = {}
+    for model in sorted({run_name(r, several) for r in rows}):
+        scored = [r for r in rows if run_name(r, several) == model and r.note is None]
+        per_dataset = {name: _stats([r for r in scored if r.dataset == name]) for name in sorted({r.dataset for r in scored})}
+        entry = {
+            "datasets": per_dataset,
+            "modalities": {name: _stats([r for r in scored if (r.modality or "unknown") == name])
+                           for name in sorted({r.modality or "unknown" for r in scored})},
+            "mean_over_datasets": {m: float(np.mean([d[m]["mean"] for d in per_dataset.values()])) for m in METRICS}
+            if per_dataset else {},
+            "excluded_questionable_prompts": sum(1 for r in rows if run_name(r, several) == model and r.note is not None),
+        }
+        uncertain = [r for r in scored if r.mean_uncertainty is not None]
+        if uncertain:
+            aucs = [r.uncertainty_auc for r in uncertain if r.uncertainty_auc is not None and not math.isnan(r.uncertainty_auc)]
+            entry["uncertainty"] = {
+                "error_detection_auc_mean": float(np.mean(aucs)) if aucs else None,
+                "targets_with_auc": len(aucs),
+                "pearson_mean_uncertainty_vs_dice": _pearson([r.mean_uncertainty for r in uncertain], [r.dice for r in uncertain]),
+            }
+        summary[model] = entry
+    return summary
+
+
+def _stats(rows: Sequence[CaseResult]) -> dict:
+    stats: dict = {"n": len(rows)}
+    for metric in METRICS:
+        values = np.array([getattr(r, metric) for r in rows], dtype=np.float64)
+        stats[metric] = {"mean": float(values.mean()), "median": float(np.median(values))} if len(values) else {}
+    return stats
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def rows_as_dicts(rows: Sequence[CaseResult]) -> list[dict]:
+    """Rows ready for csv.DictWriter / JSON."""
+    return [asdict(r) for r in rows]

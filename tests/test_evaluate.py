@@ -1,0 +1,64 @@
+"""The evaluation runner and its outputs, on a small real subset."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from medfm.evaluate.report import comparison_table, write_outputs
+from medfm.evaluate.runner import CaseResult, evaluate, summarize
+from tests.test_cli import run_medfm
+from tests.test_predictor import needs_litemedsam, tiny_model  # noqa: F401 - fixture
+
+
+def _row(dataset: str, dice: float, note: str | None = None, model: str = "m") -> CaseResult:
+    return CaseResult(model, dataset, "CT", "c", 1, "t", "box", dice, dice / (2 - dice), 0.5, 3.0, 0.1, note)
+
+
+def test_summary_means_medians_and_questionable_prompts_by_hand() -> None:
+    rows = [_row("a", 0.9), _row("a", 0.7), _row("a", 0.2, note="box covers 90% of the image"), _row("b", 0.4)]
+    summary = summarize(rows)["m"]
+    assert summary["datasets"]["a"]["n"] == 2 and summary["excluded_questionable_prompts"] == 1
+    assert summary["datasets"]["a"]["dice"]["mean"] == pytest.approx(0.8)
+    assert summary["datasets"]["a"]["dice"]["median"] == pytest.approx(0.8)
+    assert summary["mean_over_datasets"]["dice"] == pytest.approx((0.8 + 0.4) / 2)  # datasets weigh equally
+    header, body = comparison_table({"m": summary})
+    assert header == ["dataset", "m Dice / NSD"] and body[-1][0] == "mean over datasets"
+
+
+def test_runner_on_real_2d_and_3d_cases(seg_data, tiny_model, tmp_path) -> None:
+    evaluation = evaluate([tiny_model], seg_data, datasets=["busi_breast_ultrasound", "volumes3d_ct_mri"], limit_per_dataset=1,
+                          prompt="box")
+    by_dataset = {r.dataset for r in evaluation.rows}
+    assert by_dataset == {"busi_breast_ultrasound", "volumes3d_ct_mri"}
+    volume_rows = [r for r in evaluation.rows if r.dataset == "volumes3d_ct_mri"]
+    assert volume_rows and all(r.prompt == "box3d" for r in volume_rows)
+    for row in evaluation.rows:
+        assert 0 <= row.dice <= 1 and 0 <= row.nsd <= 1 and row.hd95 >= 0 and not np.isnan(row.hd95)
+    paths = write_outputs(evaluation, tmp_path, {"tiny": tiny_model}, "box")
+    with open(paths["cases"]) as handle:
+        assert len(list(csv.DictReader(handle))) == len(evaluation.rows)
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["cases"] == 2 and set(summary["models"]["tiny"]["datasets"]) == by_dataset
+    report = paths["report"].read_text()
+    assert report.count("<img") >= 3 and "busi_breast_ultrasound" in report
+
+
+def test_sam_u_rows_carry_uncertainty(seg_data, tiny_model) -> None:
+    evaluation = evaluate([tiny_model], seg_data, datasets=["busi_breast_ultrasound"], limit_per_dataset=3, uncertainty=True)
+    assert all(r.prompt == "box+sam-u" and r.mean_uncertainty is not None for r in evaluation.rows)
+    assert "uncertainty" in summarize(evaluation.rows)["tiny"]
+
+
+@needs_litemedsam
+def test_medfm_evaluate_command(seg_data, tmp_path) -> None:
+    result = run_medfm("evaluate", "--data", str(seg_data), "--dataset", "busi_breast_ultrasound", "--limit", "2",
+                       "--prompt", "points:3", "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["prompt"] == "points:3" and summary["models"]["litemedsam"]["datasets"]["busi_breast_ultrasound"]["n"] == 2
+    bad = run_medfm("evaluate", "--data", str(seg_data), "--dataset", "no_such_dataset", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "no_such_dataset" in bad.stderr
