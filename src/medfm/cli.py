@@ -171,7 +171,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="A dataset folder, a collection with manifest.json, or nnU-Net raw.")],
     out: Annotated[Path, typer.Option(help="Folder for cases.csv, summary.json and report.html.")],
     model: Annotated[Optional[list[str]], typer.Option(help="Registry name or model folder; repeat to compare.")] = None,
-    prompt: Annotated[str, typer.Option(help="box, box-jitter, points:K or points:K+N (negatives).")] = "box",
+    prompt: Annotated[Optional[list[str]], typer.Option(help="box, box-jitter, points:K or points:K+N (negatives); repeatable.")] = None,
     uncertainty: Annotated[bool, typer.Option(help="SAM-U: 20 jittered boxes per target, uncertainty statistics.")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
@@ -184,9 +184,10 @@ def evaluate(
     from medfm.segment.model import load
 
     models = {m.name: m for m in (load(name) for name in (model or ["litemedsam"]))}
-    evaluation = run_evaluation(list(models.values()), data, prompt=prompt, uncertainty=uncertainty, seed=seed,
+    modes = prompt or ["box"]
+    evaluation = run_evaluation(list(models.values()), data, prompt=modes, uncertainty=uncertainty, seed=seed,
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, progress=True)
-    paths = write_outputs(evaluation, out, models, prompt, seed)
+    paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
     header, body = comparison_table(json.loads(paths["summary"].read_text())["models"])
     table = Table(title=f"{len(evaluation.cases)} cases in {evaluation.seconds:.0f} s")
     for column in header:
