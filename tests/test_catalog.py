@@ -68,10 +68,13 @@ def test_support_tells_the_truth_today():
 
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
     running = list_models(support="runs-published-weights")
-    assert {card.id for card in running} == {"litemedsam", "sam", "medsam"}
+    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed"}
     for card in running:
         assert card.medfm_names and all(PRETRAINED[name].card == card.id for name in card.medfm_names)
-    assert {card.support for card in list_models()} == {"planned", "closed-weights", "runs-published-weights"}
+    # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints
+    assert {card.id for card in list_models(support="architecture")} == {"msa"}
+    assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
+    assert {card.support for card in list_models()} == {"planned", "closed-weights", "runs-published-weights", "architecture"}
     assert all(card.weights is None for card in list_models(support="closed-weights"))
 
 
@@ -147,7 +150,7 @@ def test_unknown_name_suggests_close_matches():
 def test_cards_table_rows():
     [row] = cards_table_rows([get_card("sam-med2d")])
     assert row[:3] == ["SAM-Med2D", "2023", "visually-prompted/adaptation"]
-    assert row[4:] == ["box, point, mask", "planned"]
+    assert row[4:] == ["box, point, mask", "runs-published-weights"]
     assert cards_table_rows([get_card("gmai")])[0][3:5] == ["-", "-"]
 
 

@@ -1,5 +1,12 @@
 """SAM-family segmentation: the network, its encoders and the checkpoint loaders."""
 
+from medfm.segment.adapted import (
+    ADAPTED_CONFIGS,
+    build_adapted,
+    encode_volume_chunk,
+    load_adapted_checkpoint,
+    load_samed,
+)
 from medfm.segment.checkpoints import (
     convert_hf_sam_to_medfm,
     convert_medfm_to_segment_anything,
@@ -24,6 +31,11 @@ from medfm.segment.sam import (
 from medfm.segment.tinyvit import TinyViT, TinyViTConfig
 
 __all__ = [
+    "ADAPTED_CONFIGS",
+    "build_adapted",
+    "encode_volume_chunk",
+    "load_adapted_checkpoint",
+    "load_samed",
     "SAM_CONFIGS",
     "SamCore",
     "SamCoreConfig",

