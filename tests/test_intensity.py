@@ -45,3 +45,11 @@ def test_defaults_per_modality_and_bad_names() -> None:
     with pytest.raises(ValueError, match="positive width"):
         IntensityPreset("window", level=40, width=0)
     assert IntensityPreset("window", level=40, width=400).to_dict() == {"kind": "window", "level": 40, "width": 400, "lower": 0.5, "upper": 99.5}
+
+
+def test_window_for_target_by_name() -> None:
+    from medfm.intensity import window_for_target
+
+    assert window_for_target("lung_upper_lobe_left") == preset("lung")
+    assert window_for_target("vertebrae_L2") == window_for_target("rib_left_7") == preset("bone")
+    assert window_for_target("liver") == window_for_target(None) == preset("soft_tissue")

@@ -77,6 +77,21 @@ def default_preset(modality: str | None) -> IntensityPreset:
     return preset("minmax")
 
 
+#: Words in a structure's name that call for a CT window other than soft tissue.
+TARGET_WINDOWS = {"lung": "lung", "pulmonary": "lung", "airway": "lung", "bone": "bone", "vertebra": "bone",
+                  "rib": "bone", "skull": "bone", "femur": "bone", "pelvis": "bone", "sacrum": "bone"}
+
+
+def window_for_target(name: str | None) -> IntensityPreset:
+    """The CT window a named structure is best seen in: lung for lungs and airways, bone for bones,
+    soft tissue otherwise (the reading-room choice a radiologist makes per structure)."""
+    lowered = (name or "").lower()
+    for word, window in TARGET_WINDOWS.items():
+        if word in lowered:
+            return preset(window)
+    return preset("soft_tissue")
+
+
 def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
     """Clip to ``[level - width/2, level + width/2]`` and scale to [0, 1] (float32)."""
     low = level - width / 2.0

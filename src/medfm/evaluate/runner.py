@@ -20,6 +20,7 @@ import numpy as np
 from medfm.evaluate.datasets import Case, discover_cases
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
+from medfm.intensity import window_for_target
 from medfm.io import read_image
 from medfm.progress import progress_bar
 from medfm.prompts import Box3D
@@ -150,18 +151,27 @@ def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed
 
 
 def _evaluate_volume(model, case, image, reference, modes, tolerance_mm) -> list[CaseResult]:  # noqa: ANN001
+    """3D boxes from each label's mask; CT structures are segmented in the window they are read in
+    (lung, bone or soft tissue, from the label name), one propagation run per window."""
     if not any(mode.startswith("box") for mode in modes):
         return []  # clicks are 2D prompts; volumes are prompted with 3D boxes
     labels = [int(v) for v in np.unique(reference) if v != 0]
-    started = time.perf_counter()
-    prompts = [VolumePrompt(Box3D.from_mask(reference == label), label) for label in labels]
-    result = segment_volume(model.predictor(), image, prompts)
-    seconds = (time.perf_counter() - started) / max(1, len(labels))
-    return [
-        _row(model, case, label, "box3d",
-             segmentation_metrics(result.label_map == label, reference == label, image.spacing, tolerance_mm), seconds)
-        for label in labels
-    ]
+    groups: dict = {}
+    for label in labels:
+        window = window_for_target(case.label_names.get(label)) if image.modality == "CT" else None
+        groups.setdefault(window, []).append(label)
+    rows = []
+    for window, members in groups.items():
+        started = time.perf_counter()
+        prompts = [VolumePrompt(Box3D.from_mask(reference == label), label) for label in members]
+        result = segment_volume(model.predictor(), image, prompts, intensity=window)
+        seconds = (time.perf_counter() - started) / len(members)
+        rows += [
+            _row(model, case, label, "box3d",
+                 segmentation_metrics(result.label_map == label, reference == label, image.spacing, tolerance_mm), seconds)
+            for label in members
+        ]
+    return sorted(rows, key=lambda row: row.label)
 
 
 def _boxes_region(boxes, shape: tuple[int, int]) -> np.ndarray:  # noqa: ANN001
