@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -45,7 +46,7 @@ from medfm.segment.adapted import (
     read_training_checkpoint,
 )
 from medfm.segment.adapted_predictor import predictor_for
-from medfm.segment.checkpoints import detect_layout, load_sam_checkpoint
+from medfm.segment.checkpoints import detect_layout, infer_arch, load_sam_checkpoint
 from medfm.segment.predictor import Predictor
 from medfm.segment.sam import SamCore
 
@@ -344,8 +345,12 @@ def load(
         raise MedfmError(
             "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"
         )
+    if path.is_dir() and (path / HF_PREPROCESSOR_NAME).is_file():
+        return load_transformers_sam(path).to(device)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         return SegmentationModel.from_pretrained(path).to(device)
+    if not path.exists() and HUB_ID.fullmatch(text):
+        return load_transformers_sam(hub_snapshot(text)).to(device)
     if path.is_file():
         state = read_training_checkpoint(path)
         adapted = detect_adapted_layout(state)
@@ -364,4 +369,52 @@ def load(
             f"medfm.load('sam-vit-b', weights=...) for SAM or medfm.load('medsam', weights=...) for MedSAM"
         )
     raise MedfmError(f"unknown model '{text}': not a registry name ({', '.join(available_models())}), "
-                     "a medfm model folder, or a checkpoint file")
+                     "a medfm or transformers model folder, a Hugging Face hub id, or a checkpoint file")
+
+
+#: transformers' SamProcessor writes this beside a SamModel's weights.
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a Hugging Face hub model, downloaded once into the hub cache; offline
+    (``HF_HUB_OFFLINE=1`` or ``MEDFM_OFFLINE=1``) only the cache is used."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDFM_OFFLINE") == "1"
+    try:
+        return Path(snapshot_download(
+            repo_id, local_files_only=offline,
+            allow_patterns=["config.json", HF_PREPROCESSOR_NAME, "*.safetensors", "pytorch_model.bin"],
+        ))
+    except LocalEntryNotFoundError as error:
+        raise CheckpointError(repo_id, "not in the Hugging Face cache and the hub cannot be reached (offline); "
+                              "download it once on a connected machine or pass a local folder") from error
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise CheckpointError(repo_id, f"could not be fetched from the Hugging Face hub ({error})") from error
+
+
+def load_transformers_sam(directory: Path, arch: str | None = None, **overrides: Any) -> SegmentationModel:
+    """A transformers ``SamModel`` folder (e.g. wanglab/medsam-vit-base): its weights, and the
+    preprocessing its ``preprocessor_config.json`` (SamImageProcessor) states. ``arch`` and
+    ``overrides`` are for unregistered sizes (tests); ViT-B/L/H are recognised from the weights."""
+    weights = next((directory / name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(directory, "no model.safetensors or pytorch_model.bin in the folder")
+    network = load_sam_checkpoint(weights, arch=arch, **overrides)
+    try:
+        processor = json.loads((directory / HF_PREPROCESSOR_NAME).read_text())
+        size = int(processor.get("size", {}).get("longest_edge", network.config.image_size))
+        # normalisation happens after rescaling by `rescale_factor`; medfm states it on 0-255 pixels
+        factor = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
+        mean = tuple(float(m) / factor for m in processor.get("image_mean", (0.485, 0.456, 0.406)))
+        std = tuple(float(v) / factor for v in processor.get("image_std", (0.229, 0.224, 0.225)))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(directory / HF_PREPROCESSOR_NAME, f"not a valid SamImageProcessor config ({error})") from error
+    if not processor.get("do_normalize", True):
+        raise CheckpointError(directory / HF_PREPROCESSOR_NAME, "do_normalize=false is not a SAM preprocessing medfm knows")
+    # SamImageProcessor: longest side to `size` (PIL bilinear), rescale, normalise, pad bottom-right
+    preprocess = dataclasses.replace(SAM_PREPROCESS, image_size=size, pixel_mean=mean, pixel_std=std)
+    return SegmentationModel(network.eval(), preprocess, directory.name, arch or infer_arch(network.state_dict()))
