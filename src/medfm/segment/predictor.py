@@ -55,10 +55,23 @@ BoxesLike = Box | Sequence[Box] | Sequence[Sequence[float]] | np.ndarray
 
 
 class Predictor:
-    """``set_image`` once (the costly encoder pass), then ``predict`` with boxes, points or masks."""
+    """``set_image`` once (the costly encoder pass), then ``predict`` with boxes, points or masks.
 
-    def __init__(self, model: SegmentationModel) -> None:
+    ``optimize`` (default on) runs the network through `medfm.segment.fast.InferenceEngine`:
+    BatchNorm folded and fused oneDNN kernels in LiteMedSAM's encoder, and a decoder that caches
+    all that does not depend on the prompt; same masks as the plain modules (logits within ~1e-4).
+    ``precision="bf16"`` (opt-in, CPUs with native bfloat16) is faster again and moves logits by
+    ~1e-2, so a few boundary pixels may flip. ``optimize=False`` runs the plain modules.
+    """
+
+    def __init__(self, model: SegmentationModel, *, optimize: bool = True, precision: str = "fp32") -> None:
+        from medfm.segment.fast import InferenceEngine, check_precision
+
+        check_precision(precision)
+        if precision != "fp32" and not optimize:
+            raise ValueError(f"precision {precision!r} needs optimize=True")
         self.model = model
+        self.engine = InferenceEngine(model.network, precision) if optimize else None
         self.embedding: torch.Tensor | None = None
         self.geometry: Geometry | None = None
         self._volume_cache: tuple[int, np.ndarray] | None = None
@@ -93,7 +106,12 @@ class Predictor:
             rgb = to_uint8_rgb(image.array, intensity, image.modality)
         pixels, self.geometry = prepare(rgb, self.model.preprocess)
         with torch.inference_mode():
-            self.embedding = self.model.network.encode(pixels.to(self.device))
+            self.embedding = self._encode(pixels.to(self.device))
+            if self.engine is not None:
+                self.engine.prepare(self.embedding)  # the decoder's per-image cache, once
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.network.encode(pixels) if self.engine is None else self.engine.encode(pixels)
 
     def encode_slices(
         self, image: MedicalImage, indices: Sequence[int], intensity: IntensityPreset | None = None, batch_size: int = 4
@@ -106,7 +124,7 @@ class Predictor:
             prepared = [prepare(volume[index], self.model.preprocess) for index in chunk]
             pixels = torch.cat([pixels for pixels, _ in prepared]).to(self.device)
             with torch.inference_mode():
-                embeddings = self.model.network.encode(pixels)
+                embeddings = self._encode(pixels)
             for offset, index in enumerate(chunk):
                 yield index, embeddings[offset : offset + 1], prepared[offset][1]
 
@@ -149,8 +167,9 @@ class Predictor:
             model_points = to_tensor(self.geometry.points_to_model(coords))
             model_labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
         masks_in = self._mask_input(mask_input, count)
+        decode = self.model.network.decode if self.engine is None else self.engine.decode
         with torch.inference_mode():
-            low_res, iou = self.model.network.decode(
+            low_res, iou = decode(
                 self.embedding, boxes=model_boxes, points=model_points, point_labels=model_labels,
                 mask_input=masks_in, multimask=multimask,
             )
