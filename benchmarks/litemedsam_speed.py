@@ -8,14 +8,17 @@
 Each contender runs in its own process (so that peak RSS is its own) on the same images, read
 from ``/work/shared/data/seg`` (``--data-root``; two images from each of ten 2D datasets), with
 the same torch thread count (``--threads``, default 2) and two warm-up passes that are not
-recorded. Per image: one end-to-end pass (preprocessing, encoder, one box decoded and mapped back
-to the input grid, thresholded), then ``--repeats`` timings of the encoder alone (medfm: with the
+recorded. The processes take turns image by image (in rotating order), so that load from
+elsewhere on a shared machine falls on all contenders alike. Per image: one end-to-end pass
+(preprocessing, encoder, one box decoded and mapped back to the input grid, thresholded), then
+``--repeats`` timings of the encoder alone (medfm: with the
 decoder's per-image cache), of decoding one box and of decoding ten boxes (medfm: one call; the
 reference: the faster of one batch and box by box, as upstream loops); each decode includes
 mapping the masks back to the input grid. The table shows medians over the images. The box is
 the bounding box of the image's first ground-truth label (inclusive max, as upstream LiteMedSAM's
 evaluation); the ten boxes are it and nine deterministic jitters of it. Dice is against that
-label's ground-truth mask, from the end-to-end pass.
+label's ground-truth mask, from the end-to-end pass; "Dice vs ref" is the lowest per-image Dice
+between a contender's mask and the reference's. About 5 minutes on 2 cores.
 
 Contenders:
 
@@ -121,8 +124,28 @@ def jittered_boxes(box: list[int], hw: tuple[int, int], count: int) -> list[list
 
 
 # ------------------------------------------------------------------------------------ worker
-def run_medfm(level: str, cases: list[dict], threads: int, repeats: int) -> dict:
-    """Time one medfm level in this process (called in a fresh subprocess per level)."""
+MARK = "@@bench "
+
+
+def send(message: dict) -> None:
+    """One message to the parent: a marked JSON line on stdout (other output is ignored)."""
+    sys.stdout.write(MARK + json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def serve(run_case, describe) -> None:  # noqa: ANN001
+    """The worker side of the protocol: ``{"case": i}`` -> that case's timings; anything else -> the end."""
+    send({"ready": True})
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("case") is None:
+            break
+        send(run_case(message["case"]))
+    send(describe())
+
+
+def medfm_worker(level: str, cases: list[dict], threads: int, repeats: int) -> None:
+    """One medfm level, timed case by case as the parent asks (one fresh process per level)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -138,14 +161,14 @@ def run_medfm(level: str, cases: list[dict], threads: int, repeats: int) -> dict
     predictor = Predictor(model, **options)
     load_s = time.perf_counter() - start
 
-    def encode(pixels):
+    def encode(pixels):  # noqa: ANN001, ANN202
         with torch.inference_mode():
             embedding = predictor._encode(pixels)
             if predictor.engine is not None:
                 predictor.engine.prepare(embedding)
         return embedding
 
-    def boxes(case, key):
+    def boxes(case: dict, key: str) -> list:
         return [Box(*b) for b in (case[key] if key == "boxes10" else [case[key]])]
 
     images = {case["id"]: medfm.read_image(case["image"]) for case in cases}
@@ -154,8 +177,9 @@ def run_medfm(level: str, cases: list[dict], threads: int, repeats: int) -> dict
         predictor.set_image(images[warm["id"]])
         predictor.predict(boxes=boxes(warm, "box"))
         predictor.predict(boxes=boxes(warm, "boxes10"))
-    results = []
-    for case in cases:
+
+    def run_case(index: int) -> dict:
+        case = cases[index]
         image = images[case["id"]]
         t0 = time.perf_counter()
         predictor.set_image(image)
@@ -177,37 +201,78 @@ def run_medfm(level: str, cases: list[dict], threads: int, repeats: int) -> dict
             t0 = time.perf_counter()
             predictor.predict(boxes=boxes(case, "boxes10"))
             ten.append((time.perf_counter() - t0) / len(case["boxes10"]))
-        results.append(
-            dict(
-                id=case["id"],
-                encoder_ms=1e3 * float(np.median(encoder)),
-                decode1_ms=1e3 * float(np.median(one)),
-                decode10_ms_per_box=1e3 * float(np.median(ten)),
-                e2e_ms=1e3 * e2e,
-                mask_bits=np.packbits(mask.ravel()).tobytes().hex(),
-            )
+        return dict(
+            id=case["id"],
+            encoder_ms=1e3 * float(np.median(encoder)),
+            decode1_ms=1e3 * float(np.median(one)),
+            decode10_ms_per_box=1e3 * float(np.median(ten)),
+            e2e_ms=1e3 * e2e,
+            mask_bits=np.packbits(mask.ravel()).tobytes().hex(),
         )
-    return dict(
+
+    serve(run_case, lambda: dict(
         name=level,
         label=LEVELS[level]["label"],
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         load_s=load_s,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        images=results,
-    )
+    ))
 
 
 # ------------------------------------------------------------------------------------ parent
-def spawn(command: list[str], out: Path, name: str) -> dict | None:
-    print(f"  running {name} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0 or not out.is_file():
-        print(f"  {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+class Worker:
+    """A contender in its own process (own interpreter, own peak RSS), driven case by case."""
+
+    def __init__(self, name: str, command: list[str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.results: list[dict] = []
+        self.failed: str | None = None
+        print(f"  starting {name} ...", file=sys.stderr, flush=True)
+        with open(log, "w") as stderr:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+        self.receive()  # ready: model loaded and warmed up
+
+    def receive(self) -> dict | None:
+        if self.failed:
+            return None
+        for line in self.process.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.failed = f"exit {self.process.wait()}: " + self.log.read_text()[-3000:]
+        print(f"  {self.name} failed ({self.failed})", file=sys.stderr)
         return None
-    print(f"  {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(out.read_text())
+
+    def ask(self, message: dict) -> dict | None:
+        if self.failed:
+            return None
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def finish(self) -> dict | None:
+        summary = self.ask({"stop": True})
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait()
+        return None if summary is None or self.failed else {**summary, "images": self.results}
+
+
+def run_all(workers: list[Worker], count: int) -> list[dict]:
+    """Case by case, every contender in turn (the order rotating), so that load from elsewhere on
+    the machine falls on all of them alike."""
+    for index in range(count):
+        shift = index % len(workers)
+        for worker in workers[shift:] + workers[:shift]:
+            result = worker.ask({"case": index})
+            if result is not None:
+                worker.results.append(result)
+        print(f"  image {index + 1}/{count}", file=sys.stderr, flush=True)
+    return [run for run in (worker.finish() for worker in workers) if run is not None]
 
 
 def unpack(bits: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -320,13 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write every number as JSON to PATH ('-' or no value: stdout, after the table)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_cases", help=argparse.SUPPRESS)
-    parser.add_argument("--_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._worker:
-        cases = json.loads(Path(args._cases).read_text())
-        result = run_medfm(args._worker, cases, args.threads, args.repeats)
-        Path(args._out).write_text(json.dumps(result))
+        medfm_worker(args._worker, json.loads(Path(args._cases).read_text()), args.threads, args.repeats)
         return 0
 
     if not args.data_root.is_dir():
@@ -340,34 +402,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.levels and not bf16_supported():
         print("  this CPU has no native bfloat16: the bf16 level is skipped", file=sys.stderr)
     cases = select_cases(args.data_root, args.images)
-    runs: list[dict] = []
+    common = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         cases_path = Path(tmp) / "cases.json"
         cases_path.write_text(json.dumps(cases))
-        reference = None
+        workers = []
         if Path(args.reference_python).is_file():
-            out = Path(tmp) / "reference.json"
-            reference = spawn(
-                [args.reference_python, str(REPO / "benchmarks" / "_reference_litemedsam.py"), str(cases_path), str(out),
-                 "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                out, "reference",
-            )
+            workers.append(Worker(
+                "reference", [args.reference_python, str(REPO / "benchmarks" / "_reference_litemedsam.py"), str(cases_path), *common],
+                Path(tmp) / "reference.log",
+            ))
         else:
             print(f"  reference interpreter {args.reference_python} is absent: reference columns skipped "
                   "(pass --reference-python)", file=sys.stderr)
-        if reference is not None:
-            runs.append(reference)
         for level in levels:
-            out = Path(tmp) / f"{level}.json"
-            result = spawn(
-                [sys.executable, str(Path(__file__).resolve()), "--_worker", level, "--_cases", str(cases_path),
-                 "--_out", str(out), "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                out, f"medfm {level}",
-            )
-            if result is not None:
-                runs.append(result)
+            workers.append(Worker(
+                f"medfm {level}",
+                [sys.executable, str(Path(__file__).resolve()), "--_worker", level, "--_cases", str(cases_path), *common],
+                Path(tmp) / f"{level}.log",
+            ))
+        runs = run_all([w for w in workers if not w.failed], len(cases))
+    reference = next((run for run in runs if run["name"] == "reference"), None)
     rows = [summarise(run, cases, reference) for run in runs]
-    reference_row = rows[0] if reference is not None else None
+    reference_row = next((row for row in rows if row["name"] == "reference"), None)
     meta = dict(images=len(cases), datasets=len({c["id"].split("/")[0] for c in cases}), cpu=cpu_name(),
                 threads=args.threads, repeats=args.repeats)
     print_table(rows, reference_row, meta)

@@ -141,6 +141,18 @@ def test_fast_decoder_equals_the_plain_decoder_for_every_prompt_kind(arch: str) 
         assert_close(decoder.decode(cache, boxes=p["boxes"])[0], one_by_one, msg="chunks")
 
 
+def test_thread_count_is_restored_and_does_not_change_results(tiny) -> None:
+    decoder = FastDecoder(tiny)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [10.0, 0.0, 60.0, 30.0], [0.0, 0.0, 63.0, 63.0]])
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        cache = decoder.prepare(tiny.encode(torch.rand(1, 3, 64, 64)))
+        toggled = decoder.decode(cache, boxes=boxes)[0]
+        assert torch.get_num_threads() == 2
+        decoder.single_thread_tokens = False
+        assert_close(decoder.decode(cache, boxes=boxes)[0], toggled, msg="token side on all threads")
+
+
 def test_engine_follows_weight_changes(tiny) -> None:
     core = tiny_litemedsam(2)
     engine = InferenceEngine(core)
