@@ -305,3 +305,14 @@ def test_real_litemedsam_bf16_keeps_the_masks(litemedsam) -> None:
     a, b = masks["fp32"], masks["bf16"]
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     assert dice > 0.995, f"bf16 mask agrees with the fp32 one at Dice {dice:.4f}"
+
+
+def test_model_predictor_forwards_options() -> None:
+    from medfm.preprocess import LITEMEDSAM_PREPROCESS
+    from medfm.segment.model import SegmentationModel
+    from medfm.segment.sam import build_sam
+
+    network = build_sam("litemedsam", encoder=dict(embed_dims=(16, 24, 32, 40), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2),
+                                                   window_sizes=(7, 7, 7, 7)), decoder_mlp_dim=64).eval()
+    model = SegmentationModel(network, LITEMEDSAM_PREPROCESS, "tiny", "litemedsam")
+    assert model.predictor(optimize=False).engine is None and model.predictor().engine is not None

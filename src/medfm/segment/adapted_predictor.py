@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -76,8 +76,8 @@ class _OwnPreprocessing(Predictor):
     takes, cached per image; ``set_image`` and ``encode_slices`` then behave as the generic ones.
     """
 
-    def __init__(self, model: SegmentationModel) -> None:
-        super().__init__(model)
+    def __init__(self, model: SegmentationModel, **options: Any) -> None:
+        super().__init__(model, **options)
         self._cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
@@ -164,8 +164,8 @@ class SemanticPredictor(_OwnPreprocessing):
     ``intensity`` names another), uint8 photos / 255, other images by their modality's preset.
     """
 
-    def __init__(self, model: SegmentationModel) -> None:
-        super().__init__(model)
+    def __init__(self, model: SegmentationModel, **options: Any) -> None:
+        super().__init__(model, **options)
         self.settings = SEMANTIC_SETTINGS[model.arch]
         self._class_logits: torch.Tensor | None = None
 
@@ -232,10 +232,10 @@ class SemanticPredictor(_OwnPreprocessing):
         return labels
 
 
-def predictor_for(model: SegmentationModel) -> Predictor:
-    """The predictor a model's architecture needs."""
+def predictor_for(model: SegmentationModel, **options: Any) -> Predictor:
+    """The predictor a model's architecture needs, with `Predictor`'s options."""
     if model.arch in SEMANTIC_SETTINGS:
-        return SemanticPredictor(model)
+        return SemanticPredictor(model, **options)
     if model.arch == "sam_med2d_vit_b":
-        return SamMed2DPredictor(model)
-    return Predictor(model)
+        return SamMed2DPredictor(model, **options)
+    return Predictor(model, **options)

@@ -158,10 +158,11 @@ class SegmentationModel:
     name: str
     arch: str
 
-    def predictor(self) -> Predictor:
+    def predictor(self, **options: Any) -> Predictor:
         """An interactive predictor over this model (encode once, prompt many); SAMed's has
-        ``predict_classes()`` for its prompt-free labels."""
-        return predictor_for(self)
+        ``predict_classes()`` for its prompt-free labels. ``options`` go to `Predictor`, e.g.
+        ``precision="bf16"`` or ``optimize=False``."""
+        return predictor_for(self, **options)
 
     def to(self, device: str | torch.device) -> SegmentationModel:
         """Move the network to a device (``"cpu"``, ``"cuda"``); returns self."""
