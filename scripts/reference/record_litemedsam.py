@@ -117,19 +117,19 @@ Case order = ``CASES`` below; N = 8.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata as md
-import io
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_io import save_npz_deterministic, sha256  # noqa: E402
 
 DATA_ROOT_DEFAULT = "/work/shared/data/seg"
 REPO = Path(__file__).resolve().parents[2]
@@ -176,23 +176,6 @@ def box_from_mask(mask: np.ndarray, label: int = 1) -> np.ndarray:
     if ys.size == 0:
         raise ValueError("empty mask")
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)
-
-
-def sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like np.savez_compressed, but with fixed zip timestamps (byte-identical re-runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for name in arrays:
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
 
 
 # ------------------------------------------------------- upstream LiteMedSAM pre/post-processing

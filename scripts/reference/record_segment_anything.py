@@ -73,41 +73,22 @@ under 4 MB; ``R_M_logits_absmax`` (float32) and ``R_M_logits_sum`` (float64) are
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata as md
-import io
 import json
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_io import save_npz_deterministic, sha256  # noqa: E402
 from random_sam_weights import DEFAULT_SEED, random_state_dict, state_dict_fingerprint  # noqa: E402
 
 DATA_ROOT_DEFAULT = "/work/shared/data/seg"
 REPO = Path(__file__).resolve().parents[2]
 DATASET, CASE_ID = "busi_breast_ultrasound", "busi_benign_020"  # 473x319 grey (portrait), scale 2.165
-
-
-def sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like np.savez_compressed, but with fixed zip timestamps (byte-identical re-runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for name in arrays:
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
 
 
 def load_rgb_uint8(path: Path) -> np.ndarray:
