@@ -14,9 +14,7 @@ Prompted ``predict`` works on both as on any SAM (with the geometry set here).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 
 from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset, default_preset, normalize
-from medfm.io import MedicalImage, read_image
+from medfm.io import MedicalImage
 from medfm.preprocess import Geometry, prepare, to_uint8_rgb
 from medfm.segment.adapted import SYNAPSE_CLASSES, decode_all_masks
 from medfm.segment.predictor import Predictor
@@ -33,95 +31,7 @@ from medfm.segment.predictor import Predictor
 if TYPE_CHECKING:
     from medfm.segment.model import SegmentationModel
 
-ImageLike = MedicalImage | str | PathLike[str] | np.ndarray
-
-
-def _as_image(image: ImageLike) -> MedicalImage:
-    if isinstance(image, MedicalImage):
-        return image
-    if not isinstance(image, np.ndarray):
-        return read_image(image)
-    from medfm.io.image import image_geometry_2d
-
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
-        raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {image.shape}")
-    return MedicalImage(array=image, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
-
-
-def _pick_slice(image: MedicalImage, array: np.ndarray, slice_index: int | None) -> np.ndarray:
-    """``array`` (the image's values, possibly normalised) for one 2D slice."""
-    if image.is_volume:
-        if slice_index is None:
-            raise PromptError(f"{image.path or 'the image'} is a volume: pass slice_index (0..{len(array) - 1})")
-        if not -len(array) <= slice_index < len(array):
-            raise PromptError(f"slice {slice_index} is outside the volume's {len(array)} slices")
-        return array[slice_index]
-    if slice_index not in (None, 0):
-        raise PromptError("slice_index only applies to volumes")
-    return array
-
-
-def _encode(predictor: Predictor, pixels: torch.Tensor) -> torch.Tensor:
-    """The generic predictor's encoder pass, through its optimised engine where it has one."""
-    pixels = pixels.to(predictor.device)
-    with torch.inference_mode():
-        encode = getattr(predictor, "_encode", None)
-        return encode(pixels) if encode is not None else predictor.model.network.encode(pixels)
-
-
-class _OwnPreprocessing(Predictor):
-    """A predictor whose slices are prepared by ``_prepare_slice`` instead of `medfm.preprocess.prepare`.
-
-    ``_values`` turns the whole image (a volume: all its slices alike) into what ``_prepare_slice``
-    takes, cached per image; ``set_image`` and ``encode_slices`` then behave as the generic ones.
-    """
-
-    def __init__(self, model: SegmentationModel, **options: Any) -> None:
-        super().__init__(model, **options)
-        self._cache: tuple[tuple[int, int], np.ndarray] | None = None
-
-    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        raise NotImplementedError
-
-    def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
-        raise NotImplementedError
-
-    def _cached_values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        key = (id(image.array), hash(intensity))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._values(image, intensity))
-        return self._cache[1]
-
-    def set_image(
-        self, image: ImageLike, slice_index: int | None = None, intensity: IntensityPreset | None = None
-    ) -> None:
-        image = _as_image(image)
-        values = _pick_slice(image, self._cached_values(image, intensity), slice_index)
-        pixels, self.geometry = self._prepare_slice(values)
-        self.embedding = _encode(self, pixels)
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            with torch.inference_mode():
-                engine.prepare(self.embedding)  # the optimised decoder's per-image cache
-        self._image_changed()
-
-    def _image_changed(self) -> None:
-        pass
-
-    def encode_slices(
-        self, image: MedicalImage, indices: Sequence[int], intensity: IntensityPreset | None = None, batch_size: int = 4
-    ) -> Iterator[tuple[int, torch.Tensor, Geometry]]:
-        """Encode slices of a volume in batches and yield ``(index, embedding, geometry)``."""
-        volume = self._cached_values(image, intensity)
-        for start in range(0, len(indices), batch_size):
-            chunk = list(indices[start : start + batch_size])
-            prepared = [self._prepare_slice(volume[index]) for index in chunk]
-            embeddings = _encode(self, torch.cat([pixels for pixels, _ in prepared]))
-            for offset, index in enumerate(chunk):
-                yield index, embeddings[offset : offset + 1], prepared[offset][1]
-
-
-class SamMed2DPredictor(_OwnPreprocessing):
+class SamMed2DPredictor(Predictor):
     """SAM-Med2D's preprocessing: BGR order, INTER_NEAREST stretch to 256, SAM's mean/std."""
 
     def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
@@ -157,7 +67,7 @@ SEMANTIC_SETTINGS: dict[str, SemanticSettings] = {
 }
 
 
-class SemanticPredictor(_OwnPreprocessing):
+class SemanticPredictor(Predictor):
     """``set_image`` then ``predict_classes()``: one label per pixel, 0 for background.
 
     Intensities become [0, 1] as SAMed's data were: CT through SAMed's window (unless
@@ -167,7 +77,7 @@ class SemanticPredictor(_OwnPreprocessing):
     def __init__(self, model: SegmentationModel, **options: Any) -> None:
         super().__init__(model, **options)
         self.settings = SEMANTIC_SETTINGS[model.arch]
-        self._class_logits: torch.Tensor | None = None
+        self._class_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (embedding, logits)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -202,21 +112,15 @@ class SemanticPredictor(_OwnPreprocessing):
         pixels = torch.from_numpy(((stacked - mean) / std).astype(np.float32))[None]
         return pixels, Geometry((height, width), (size, size), self.model.preprocess)
 
-    def _image_changed(self) -> None:
-        self._class_logits = None
-
-    def use_embedding(self, embedding: torch.Tensor, geometry: Geometry) -> None:
-        super().use_embedding(embedding, geometry)
-        self._class_logits = None
-
     def class_logits(self) -> torch.Tensor:
         """Low-res logits of every class for the cached image, (num_classes + 1, h, w)."""
         if self.embedding is None:
             raise PromptError("call set_image() before predict_classes()")
-        if self._class_logits is None:
+        if self._class_logits is None or self._class_logits[0] is not self.embedding:
             with torch.inference_mode():
-                self._class_logits = decode_all_masks(self.model.network, self.embedding)[0].float().cpu()
-        return self._class_logits
+                logits = decode_all_masks(self.model.network, self.embedding)[0].float().cpu()
+            self._class_logits = (self.embedding, logits)
+        return self._class_logits[1]
 
     def predict_classes(self) -> np.ndarray:
         """The label map (H, W) of the cached image on its input grid (uint8, 0 = background)."""

@@ -74,7 +74,7 @@ class Predictor:
         self.engine = InferenceEngine(model.network, precision) if optimize else None
         self.embedding: torch.Tensor | None = None
         self.geometry: Geometry | None = None
-        self._volume_cache: tuple[int, np.ndarray] | None = None
+        self._values_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -91,20 +91,9 @@ class Predictor:
         Intensities are normalised over the whole volume (not per slice) with ``intensity`` or
         the modality's default preset; uint8 photographs pass unchanged.
         """
-        if not isinstance(image, MedicalImage):
-            image = read_image(image) if not isinstance(image, np.ndarray) else _wrap_array(image)
-        if image.is_volume:
-            if slice_index is None:
-                raise PromptError(f"{image.path or 'the image'} is a volume: pass slice_index (0..{image.array.shape[0] - 1})")
-            rgb = self._volume_uint8(image, intensity)
-            if not -len(rgb) <= slice_index < len(rgb):
-                raise PromptError(f"slice {slice_index} is outside the volume's {len(rgb)} slices")
-            rgb = rgb[slice_index]
-        else:
-            if slice_index not in (None, 0):
-                raise PromptError("slice_index only applies to volumes")
-            rgb = to_uint8_rgb(image.array, intensity, image.modality)
-        pixels, self.geometry = prepare(rgb, self.model.preprocess)
+        image = as_image(image)
+        values = _pick_slice(image, self._cached_values(image, intensity), slice_index)
+        pixels, self.geometry = self._prepare_slice(values)
         with torch.inference_mode():
             self.embedding = self._encode(pixels.to(self.device))
             if self.engine is not None:
@@ -118,10 +107,10 @@ class Predictor:
     ) -> Iterator[tuple[int, torch.Tensor, Geometry]]:
         """Encode slices of a volume in batches (the encoder dominates 3D time) and yield
         ``(index, embedding, geometry)``; pass them to `use_embedding` to prompt a slice."""
-        volume = self._volume_uint8(image, intensity)
+        volume = self._cached_values(image, intensity)
         for start in range(0, len(indices), batch_size):
             chunk = list(indices[start : start + batch_size])
-            prepared = [prepare(volume[index], self.model.preprocess) for index in chunk]
+            prepared = [self._prepare_slice(volume[index]) for index in chunk]
             pixels = torch.cat([pixels for pixels, _ in prepared]).to(self.device)
             with torch.inference_mode():
                 embeddings = self._encode(pixels)
@@ -132,11 +121,22 @@ class Predictor:
         """Make a previously computed embedding (from `encode_slices`) the one `predict` answers for."""
         self.embedding, self.geometry = embedding, geometry
 
-    def _volume_uint8(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        key = id(image.array) ^ hash(intensity)
-        if self._volume_cache is None or self._volume_cache[0] != key:
-            self._volume_cache = (key, to_uint8_rgb(image.array, intensity, image.modality))
-        return self._volume_cache[1]
+    # The two steps of the input pipeline; predictors of checkpoints that were trained on other
+    # pipelines (SAM-Med2D, SAMed) override them.
+
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        """The whole image (a volume: all slices alike) as the values ``_prepare_slice`` takes."""
+        return to_uint8_rgb(image.array, intensity, image.modality)
+
+    def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        """One slice's values -> the network's input (1, 3, S, S) and the geometry back."""
+        return prepare(values, self.model.preprocess)
+
+    def _cached_values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+        key = (id(image.array), hash(intensity))
+        if self._values_cache is None or self._values_cache[0] != key:
+            self._values_cache = (key, self._values(image, intensity))
+        return self._values_cache[1]
 
     def predict(
         self,
@@ -256,9 +256,27 @@ def _prompt_count(boxes: np.ndarray | None, coords: np.ndarray | None, mask_inpu
     return 1 if np.ndim(mask_input) == 2 else len(mask_input)
 
 
-def _wrap_array(array: np.ndarray) -> MedicalImage:
+def as_image(image: MedicalImage | str | PathLike[str] | np.ndarray) -> MedicalImage:
+    """A `MedicalImage` from itself, a path, or a numpy array (H, W) or (H, W, 3)."""
+    if isinstance(image, MedicalImage):
+        return image
+    if not isinstance(image, np.ndarray):
+        return read_image(image)
     from medfm.io.image import image_geometry_2d
 
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
-        raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {array.shape}")
-    return MedicalImage(array=array, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
+        raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {image.shape}")
+    return MedicalImage(array=image, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
+
+
+def _pick_slice(image: MedicalImage, values: np.ndarray, slice_index: int | None) -> np.ndarray:
+    """The 2D slice of ``values`` (the image's values, possibly normalised) to encode."""
+    if image.is_volume:
+        if slice_index is None:
+            raise PromptError(f"{image.path or 'the image'} is a volume: pass slice_index (0..{len(values) - 1})")
+        if not -len(values) <= slice_index < len(values):
+            raise PromptError(f"slice {slice_index} is outside the volume's {len(values)} slices")
+        return values[slice_index]
+    if slice_index not in (None, 0):
+        raise PromptError("slice_index only applies to volumes")
+    return values
