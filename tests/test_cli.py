@@ -48,3 +48,10 @@ def test_segment_bad_box_is_one_line(tmp_path) -> None:
     result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "1", "2", "3", "-o", str(tmp_path / "m.png"))
     assert result.returncode == 2 and "--box takes 4 numbers" in result.stderr
     assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_unknown_precision_is_one_line(tmp_path) -> None:
+    result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "215", "107", "265", "132",
+                       "-o", str(tmp_path / "m.png"), "--precision", "fp8")
+    assert result.returncode == 2 and "unknown precision 'fp8'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.png").exists()

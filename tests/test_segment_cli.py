@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nibabel as nib
+import pytest
 import numpy as np
 
 import medfm
@@ -103,3 +104,20 @@ def test_volume_prompt_errors(tmp_path) -> None:
     result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box3d", "0", "0", "0", "5", "5", "0",
                        "-o", str(tmp_path / "m.png"))
     assert result.returncode == 2 and "not a volume" in result.stderr
+
+
+@needs_litemedsam
+def test_segment_bf16_matches_fp32_where_the_cpu_has_bfloat16(tmp_path) -> None:
+    from medfm.segment.fast import bf16_supported
+
+    if not bf16_supported():
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "215", "107", "265", "132",
+                           "-o", str(out), "--precision", precision)
+        assert result.returncode == 0, result.stderr
+        masks[precision] = medfm.read_image(out).array > 0
+    union = np.logical_or(*masks.values()).sum()
+    assert np.logical_and(*masks.values()).sum() / union > 0.98

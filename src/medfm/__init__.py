@@ -5,6 +5,7 @@ from medfm.errors import (
     InputFileError,
     MedfmError,
     MissingDependencyError,
+    OptionError,
     OutputFileError,
     PromptError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "MedfmError",
     "MedicalImage",
     "MissingDependencyError",
+    "OptionError",
     "OutputFileError",
     "Points",
     "PromptError",

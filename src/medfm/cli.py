@@ -95,6 +95,7 @@ def segment(
     reference: Annotated[Optional[Path], typer.Option(help="A reference mask: print the Dice against it.")] = None,
     uncertainty: Annotated[Optional[Path], typer.Option(help="Also write SAM-U's uncertainty map (20 jittered boxes) here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16: faster where the CPU/GPU has bfloat16; a few boundary pixels may differ.")] = "fp32",
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
     from medfm.intensity import preset
@@ -116,7 +117,7 @@ def segment(
         prompts = [Box3D(*(int(v) for v in _numbers(text, 6, "--box3d"))) for text in box3d or []]
         if boxes_from is not None:
             prompts += prompts_from_labels(_label_map_like(boxes_from, image))
-        volume = segment_volume(network.predictor(), image, prompts, intensity=intensity, progress=True)
+        volume = segment_volume(network.predictor(precision=precision), image, prompts, intensity=intensity, progress=True)
         medfm.write_mask(volume.label_map, output, like=image)
         console.print(f"wrote {output} ({len(volume.slices)} structure(s), {sum(map(len, volume.slices.values()))} slices "
                       f"segmented, {volume.encoded_slices} encoded) in {volume.seconds:.1f} s", highlight=False)
@@ -124,7 +125,7 @@ def segment(
             _print_dice(volume.label_map, reference, sorted(volume.slices))
         return
     result = run_segment(image, boxes, points, slice_index=slice_index, model=network, intensity=intensity,
-                         uncertainty=uncertainty is not None)
+                         uncertainty=uncertainty is not None, precision=precision)
     medfm.write_mask(result.label_map, output, like=image)
     if uncertainty is not None:
         from medfm.io.writers import write_map

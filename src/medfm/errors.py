@@ -35,6 +35,10 @@ class PromptError(MedfmError, ValueError):
     """A box, point or mask prompt does not make sense for the image it is given with."""
 
 
+class OptionError(MedfmError, ValueError):
+    """An option's value is not one medfm accepts, or not on this machine (e.g. bf16 without bfloat16)."""
+
+
 class CheckpointError(MedfmError, ValueError):
     """A checkpoint is missing, corrupt, or not in a layout medfm knows."""
 

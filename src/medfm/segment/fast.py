@@ -78,9 +78,9 @@ def bf16_supported() -> bool:
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and not bf16_supported():
-        raise ValueError("precision 'bf16' needs a CPU with native bfloat16 (AVX512-BF16 or AMX) and oneDNN")
+        raise OptionError("precision 'bf16' needs a CPU with native bfloat16 (AVX512-BF16 or AMX) and oneDNN")
     return precision
 
 
