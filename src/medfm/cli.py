@@ -200,6 +200,58 @@ def evaluate(
 
 
 @app.command()
+def train(
+    recipe: Annotated[str, typer.Option(help="full, decoder, lora, adapter or autoprompt.")],
+    data: Annotated[Path, typer.Option(help="Training data: a dataset folder, a collection, or nnU-Net raw.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: best/, last/, state.pt, metrics.json.")],
+    base: Annotated[str, typer.Option(help="Base model: registry name or model folder.")] = "litemedsam",
+    val: Annotated[Optional[Path], typer.Option(help="Validation data (default: a patient-wise split of --data).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of --data for validation when --val is not given.")] = 0.1,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
+    slices_per_volume: Annotated[int, typer.Option(help="Foreground slices taken from each 3D volume (evenly spaced).")] = 8,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    budget_minutes: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step and process.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; linear warm-up, cosine decay).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
+    prompt: Annotated[Optional[str], typer.Option(help="box or clicks (iterative); autoprompt takes none.")] = None,
+    click_iterations: Annotated[int, typer.Option(help="Correction clicks after the first (--prompt clicks).")] = 3,
+    box_jitter: Annotated[int, typer.Option(help="Box jitter in model-input pixels.")] = 5,
+    augment: Annotated[bool, typer.Option(help="Flips, rotation, scaling and intensity jitter (not with cached embeddings).")] = True,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (lora).")] = 4,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (lora; default: the rank).")] = None,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated Linear names in the image encoder (lora).")] = "qkv",
+    adapter_ratio: Annotated[float, typer.Option(help="Adapter width as a share of the block width (adapter).")] = 0.25,
+    prompt_tokens: Annotated[int, typer.Option(help="Sparse prompt tokens generated per image (autoprompt).")] = 4,
+    cache_embeddings: Annotated[Optional[Path], typer.Option(help="Embedding cache folder for frozen-encoder recipes (default RUN_DIR/embedding-cache).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, augmentation and prompts.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CUDA with bf16).")] = None,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output after its last finished epoch.")] = False,
+) -> None:
+    """Adapt a SAM-family model to your data with one of the survey's recipes (see medfm.train)."""
+    from medfm.train import Recipe, TrainConfig, train as run_training
+
+    recipe_spec = Recipe(recipe, lora_rank=lora_rank, lora_alpha=lora_alpha, adapter_ratio=adapter_ratio,
+                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), prompt_tokens=prompt_tokens)
+    config = TrainConfig(
+        base=base, data=data, out=out, recipe=recipe_spec, val=val, validation_fraction=val_fraction,
+        datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit, slices_per_volume=slices_per_volume,
+        epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes, batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
+        box_jitter=box_jitter, augment=augment, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
+        workers=workers, resume=resume, progress=sys.stderr.isatty(),
+    )
+    result = run_training(config, log=lambda text: console.print(text, highlight=False))
+    console.print(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)", highlight=False)
+
+
+@app.command()
 def version() -> None:
     """Print medfm's version."""
     print(medfm.__version__)

@@ -50,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medfm.errors import OptionError
 from medfm.segment import tinyvit as tv
+from medfm.segment.sam import SamCore
 
 PRECISIONS = ("fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -406,6 +408,8 @@ def fast_decoder_supported(core: nn.Module) -> bool:
     known = _decoder_types()
     if type(parts[0]) is not known[0] or type(parts[1]) is not known[7]:
         return False
+    if getattr(type(core), "prompt_embeddings", None) is not SamCore.prompt_embeddings:
+        return False  # a prompt generator (AutoSAM) replaces the prompt embeddings
     return all(type(m) in known for part in parts for m in part.modules())
 
 

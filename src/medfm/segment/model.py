@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -169,8 +170,16 @@ class SegmentationModel:
         self.network.to(device)
         return self
 
-    def save_pretrained(self, directory: str | PathLike[str]) -> Path:
-        """Write ``config.json`` (architecture + preprocessing) and ``model.safetensors``."""
+    def save_pretrained(
+        self, directory: str | PathLike[str], *, training: dict | None = None, only: Collection[str] | None = None
+    ) -> Path:
+        """Write ``config.json`` (architecture + preprocessing) and ``model.safetensors``.
+
+        ``training`` (``{"base": <registry name or folder>, "recipe": {...}, ...}``, from
+        `medfm.train`) is recorded in the config. With ``only``, just those state-dict keys are
+        written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
+        modules on it and loads these tensors (`medfm.train.recipes.rebuild_from_delta`).
+        """
         from safetensors.torch import save_file
 
         from medfm.io.writers import atomic_path
@@ -185,7 +194,11 @@ class SegmentationModel:
             "network": _jsonable(dataclasses.asdict(self.network.config)),
             "preprocess": self.preprocess.to_dict(),
         }
-        tensors = {key: value.detach().cpu().contiguous() for key, value in self.network.state_dict().items()}
+        if training is not None:
+            config |= _jsonable(training) | {"delta": only is not None}
+        state = self.network.state_dict()
+        keys = state.keys() if only is None else sorted(only)
+        tensors = {key: state[key].detach().cpu().contiguous() for key in keys}
         with atomic_path(directory / WEIGHTS_NAME) as temporary:
             save_file(tensors, str(temporary), metadata={"format": "pt"})
         with atomic_path(directory / CONFIG_NAME) as temporary:
@@ -201,7 +214,7 @@ class SegmentationModel:
         directory = Path(directory)
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
-            network = build_any(config["arch"], **_network_overrides(config["network"]))
+            network = None if config.get("delta") else build_any(config["arch"], **_network_overrides(config["network"]))
             preprocess = PreprocessConfig.from_dict(config["preprocess"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
@@ -209,7 +222,12 @@ class SegmentationModel:
             state = load_file(str(directory / WEIGHTS_NAME))
         except (OSError, RuntimeError, SafetensorError) as error:
             raise CheckpointError(directory / WEIGHTS_NAME, f"cannot read the weights ({error})") from error
-        _load_strict(network, state, directory / WEIGHTS_NAME)
+        if config.get("delta"):
+            from medfm.train.recipes import rebuild_from_delta
+
+            network = rebuild_from_delta(config, state, str(directory / WEIGHTS_NAME))
+        else:
+            _load_strict(network, state, directory / WEIGHTS_NAME)
         return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"])
 
 

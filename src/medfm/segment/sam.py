@@ -187,7 +187,8 @@ class SamCore(nn.Module):
         """Predict masks for N prompts on one image embedding.
 
         Args:
-            image_embedding: (1, C, E, E) from ``encode``.
+            image_embedding: (1, C, E, E) from ``encode``, or (N, C, E, E): one image per prompt
+                (training batches).
             boxes: (N, 4) as x0, y0, x1, y1.
             points: (N, K, 2) as x, y; ``point_labels`` (N, K): 1 foreground, 0 background,
                 -1 padding (ignored).
@@ -196,7 +197,8 @@ class SamCore(nn.Module):
 
         Returns:
             Low-res mask logits (N, M, 4E, 4E) and predicted IoUs (N, M); M is 3 with
-            ``multimask``, else 1. With no prompt at all, N is 1 (segment-anything's behaviour).
+            ``multimask``, else 1. With no prompt at all, N is the number of embeddings (1 for
+            one image: segment-anything's behaviour).
         """
         n = self._prompt_count(image_embedding, boxes, points, point_labels, mask_input)
         dtype = image_embedding.dtype
@@ -206,6 +208,7 @@ class SamCore(nn.Module):
             input_boxes=None if boxes is None else boxes.to(dtype)[:, None],
             input_masks=None if mask_input is None else mask_input.to(dtype),
         )
+        sparse, dense = self.prompt_embeddings(image_embedding, sparse, dense)
         masks, iou = self.mask_decoder(
             image_embeddings=image_embedding.expand(n, -1, -1, -1),
             image_positional_embeddings=self.dense_positional_embedding().to(dtype).expand(n, -1, -1, -1),
@@ -214,6 +217,11 @@ class SamCore(nn.Module):
             multimask_output=multimask,
         )
         return masks[:, 0], iou[:, 0]
+
+    def prompt_embeddings(self, image_embedding: Tensor, sparse: Tensor | None, dense: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The prompt encoder's sparse (N, 1, K, C) and dense (N or 1, C, E, E) embeddings as the
+        decoder gets them; a prompt generator (AutoSAM, `medfm.train.recipes`) replaces them here."""
+        return sparse, dense
 
     def _prompt_count(
         self,
@@ -225,7 +233,7 @@ class SamCore(nn.Module):
     ) -> int:
         """Check the prompt shapes against each other and the model; return N."""
         c, e = self.config.prompt_embed_dim, self.config.embedding_size
-        if tuple(image_embedding.shape) != (1, c, e, e):
+        if image_embedding.ndim != 4 or tuple(image_embedding.shape[1:]) != (c, e, e):
             raise ValueError(
                 f"expected an image embedding of shape (1, {c}, {e}, {e}), got {tuple(image_embedding.shape)}"
             )
@@ -250,9 +258,12 @@ class SamCore(nn.Module):
             counts["mask_input"] = mask_input.shape[0]
         if len(set(counts.values())) > 1:
             raise PromptError(f"prompt counts differ: {counts}")
-        n = next(iter(counts.values()), 1)
+        images = image_embedding.shape[0]
+        n = next(iter(counts.values()), images)
         if n == 0:
             raise PromptError("empty prompt batch")
+        if images not in (1, n):
+            raise ValueError(f"{images} image embeddings for {n} prompts: give one, or one per prompt")
         return n
 
 

@@ -1,0 +1,253 @@
+"""Training samples: 2D images and foreground slices of 3D volumes, augmented, with prompts simulated
+on the fly.
+
+One sample is one 2D image (or one slice with foreground of a volume) and one target: a foreground
+label drawn at random (or, for prompt-free training, all foreground labels merged). Per sample:
+``to_uint8_rgb`` -> flips, a small rotation and scaling (image bilinear, mask nearest) -> brightness
+and contrast jitter -> the model's own preprocessing (`medfm.preprocess.prepare`). The target comes
+as a mask on the low-res logit grid (4E x 4E, the model-input frame scaled down), the prompts in the
+model-input frame: a box jittered outwards by up to ``box_jitter`` pixels per side and inwards by up
+to half of that, and one click on the target.
+
+Randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: a sample is the same
+whatever the worker, process or resume point that makes it.
+
+With an `EmbeddingCache` (recipes with a frozen image encoder) images are encoded once, without
+augmentation; the samples then carry the cached embedding instead of pixels, and only the prompts
+change from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from medfm.errors import InputFileError
+from medfm.evaluate.datasets import Case
+from medfm.io import read_image
+from medfm.preprocess import PreprocessConfig, prepare, resized_shape, to_uint8_rgb
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One training sample: a case and, for a volume, the slice (along Z)."""
+
+    case: Case
+    slice_index: int | None
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How samples are made."""
+
+    train: bool = True  #: False: validation samples (no augmentation, tight boxes, centre clicks)
+    augment: bool = True  #: image-space augmentation (training without an embedding cache only)
+    box_jitter: int = 5  #: model-input pixels
+    foreground: bool = False  #: merge all labels into one target (prompt-free recipes)
+
+
+def _read_pair(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 RGB image (H, W, 3) or volume (Z, H, W, 3) of a case and its label map."""
+    image = read_image(case.image_path, modality=case.modality)
+    labels = np.asarray(read_image(case.mask_path).array)
+    if labels.ndim == image.array.ndim and labels.ndim == 3 and not image.is_volume and labels.shape[-1] in (3, 4):
+        labels = labels[..., 0]
+    if labels.shape != image.spatial_shape:
+        raise InputFileError(case.mask_path, f"mask shape {labels.shape} differs from the image's {image.spatial_shape}")
+    return to_uint8_rgb(image.array, None, image.modality), labels.astype(np.int32)
+
+
+def sample_refs(cases: Sequence[Case], slices_per_volume: int | None = None) -> list[SampleRef]:
+    """Every 2D case with foreground, and the foreground slices of every volume (at most
+    ``slices_per_volume`` of them, evenly spaced)."""
+    refs = []
+    for case in cases:
+        labels = np.asarray(read_image(case.mask_path).array)
+        if not case.is_volume:
+            if labels.any():
+                refs.append(SampleRef(case, None))
+            continue
+        slices = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+        if slices_per_volume is not None and len(slices) > slices_per_volume:
+            slices = slices[np.linspace(0, len(slices) - 1, slices_per_volume).round().astype(int)]
+        refs.extend(SampleRef(case, int(z)) for z in slices)
+    return refs
+
+
+def augment(rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, rotation within +-10 degrees, scaling by 0.9-1.1 (labels nearest), brightness and contrast jitter."""
+    if rng.random() < 0.5:
+        rgb, labels = rgb[:, ::-1], labels[:, ::-1]
+    if rng.random() < 0.5:
+        rgb, labels = rgb[::-1], labels[::-1]
+    height, width = labels.shape
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), rng.uniform(-10, 10), rng.uniform(0.9, 1.1))
+    rgb = cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=0)
+    moved = cv2.warpAffine(np.ascontiguousarray(labels).astype(np.float32), matrix, (width, height),
+                           flags=cv2.INTER_NEAREST, borderValue=0)
+    contrast, brightness = rng.uniform(0.9, 1.1), rng.uniform(-12.0, 12.0)
+    rgb = np.clip(rgb.astype(np.float32) * contrast + brightness, 0, 255).astype(np.uint8)
+    return rgb, moved.astype(np.int32)
+
+
+def low_res_target(target: np.ndarray, preprocess: PreprocessConfig, low: int) -> np.ndarray:
+    """A binary (H, W) mask on the input grid -> float32 (low, low) in the model-input frame (padding 0)."""
+    new_h, new_w = resized_shape(target.shape, preprocess)
+    size = (max(1, round(new_w * low / preprocess.image_size)), max(1, round(new_h * low / preprocess.image_size)))
+    resized = cv2.resize(target.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    frame = np.zeros((low, low), dtype=np.float32)
+    frame[: size[1], : size[0]] = resized >= 0.5
+    return frame
+
+
+def jittered_box(target_low: np.ndarray, image_size: int, jitter: int, rng: np.random.Generator | None) -> np.ndarray:
+    """The target's box in model-input pixels, each side moved outwards by up to ``jitter`` and
+    inwards by up to ``jitter // 2`` (never inverted); the tight box when ``rng`` is None."""
+    scale = image_size / target_low.shape[0]
+    rows, cols = np.nonzero(target_low)
+    box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64) * scale
+    box[2:] -= 1
+    if rng is not None and jitter > 0:
+        shift = rng.integers(-(jitter // 2), jitter + 1, size=4)
+        grown = box + shift * np.array([-1, -1, 1, 1])
+        centre = (box[:2] + box[2:]) / 2
+        grown[:2] = np.minimum(grown[:2], np.floor(centre))
+        grown[2:] = np.maximum(grown[2:], np.ceil(centre))
+        box = np.clip(grown, 0, image_size - 1)
+    return box.astype(np.float32)
+
+
+def click(target_low: np.ndarray, image_size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """One positive click (x, y) in model-input pixels: a random target pixel, or with no ``rng``
+    the target's centre-most pixel."""
+    from scipy import ndimage
+
+    if rng is None:
+        distance = ndimage.distance_transform_edt(np.pad(target_low, 1))[1:-1, 1:-1]
+        row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    else:
+        rows, cols = np.nonzero(target_low)
+        pick = int(rng.integers(len(rows)))
+        row, col = rows[pick], cols[pick]
+    scale = image_size / target_low.shape[0]
+    return np.array([(col + 0.5) * scale, (row + 0.5) * scale], dtype=np.float32)
+
+
+class EmbeddingCache:
+    """Image embeddings of a frozen encoder, one fp16 safetensors file per sample in ``folder``,
+    with the sample's label map; keyed by the model's identity, the image file (path, size, mtime),
+    the slice and the preprocessing, so a folder can serve several runs."""
+
+    def __init__(self, folder: Path, model_id: str, preprocess: PreprocessConfig) -> None:
+        self.folder = Path(folder)
+        self.model_id = model_id
+        self.preprocess = preprocess
+
+    def path(self, ref: SampleRef) -> Path:
+        stat = ref.case.image_path.stat()
+        mask = ref.case.mask_path.stat()
+        key = json.dumps([self.model_id, str(ref.case.image_path.resolve()), stat.st_size, stat.st_mtime_ns,
+                          mask.st_size, mask.st_mtime_ns, ref.slice_index, self.preprocess.to_dict()])
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def fill(self, refs: Sequence[SampleRef], encode: Callable[[Tensor], Tensor], batch_size: int = 4,
+             advance: Callable[[], None] = lambda: None) -> None:
+        """Encode the samples not cached yet (``encode``: pixels (B, 3, S, S) -> (B, C, E, E))."""
+        from safetensors.torch import save_file
+
+        from medfm.io.writers import atomic_path
+
+        missing = [ref for ref in refs if not self.path(ref).is_file()]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            pairs = [_slice(ref, _read_pair(ref.case)) for ref in chunk]
+            pixels = torch.cat([prepare(rgb, self.preprocess)[0] for rgb, _ in pairs])
+            with torch.no_grad():
+                embeddings = encode(pixels).to(torch.float16).cpu()
+            for ref, (_, labels), embedding in zip(chunk, pairs, embeddings):
+                with atomic_path(self.path(ref)) as temporary:
+                    save_file({"embedding": embedding.contiguous(), "labels": torch.from_numpy(labels)}, str(temporary))
+                advance()
+
+    def read(self, ref: SampleRef) -> tuple[Tensor, np.ndarray]:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.path(ref)))
+        return tensors["embedding"], tensors["labels"].numpy()
+
+
+def _slice(ref: SampleRef, pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    rgb, labels = pair
+    return (rgb, labels) if ref.slice_index is None else (rgb[ref.slice_index], labels[ref.slice_index])
+
+
+class SegmentationSamples(Dataset):
+    """Samples for one epoch (`set_epoch`): dicts of ``pixels`` (3, S, S) or ``embedding``
+    (C, E, E), ``target`` (1, L, L), ``box`` (4,) and ``point`` (2,)."""
+
+    def __init__(self, refs: Sequence[SampleRef], preprocess: PreprocessConfig, low_res: int,
+                 options: SampleOptions, seed: int = 0, cache: EmbeddingCache | None = None) -> None:
+        self.refs = list(refs)
+        self.preprocess = preprocess
+        self.low_res = low_res
+        self.options = options
+        self.seed = seed
+        self.cache = cache
+        self.epoch = 0
+        self._volume: tuple[Path, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _pair(self, ref: SampleRef) -> tuple[np.ndarray, np.ndarray]:
+        if ref.slice_index is None:
+            return _read_pair(ref.case)
+        if self._volume is None or self._volume[0] != ref.case.image_path:  # consecutive slices share a read
+            self._volume = (ref.case.image_path, _read_pair(ref.case))
+        return _slice(ref, self._volume[1])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        ref = self.refs[index]
+        train = self.options.train
+        # validation draws its target label from a generator that does not change with the epoch
+        rng = np.random.default_rng([self.seed, self.epoch, index] if train else [self.seed, index])
+        sample: dict[str, Tensor] = {}
+        if self.cache is not None:
+            sample["embedding"], labels = self.cache.read(ref)
+        else:
+            rgb, labels = self._pair(ref)
+            if train and self.options.augment:
+                moved_rgb, moved = augment(rgb, labels, rng)
+                if moved.any():  # an augmentation that moves the foreground out of view is dropped
+                    rgb, labels = moved_rgb, moved
+            sample["pixels"] = prepare(rgb, self.preprocess)[0][0]
+        sample |= self._target_and_prompts(labels, rng, train)
+        return sample
+
+    def _target_and_prompts(self, labels: np.ndarray, rng: np.random.Generator, train: bool) -> dict[str, Tensor]:
+        present = np.unique(labels[labels != 0])
+        target = labels != 0 if self.options.foreground else labels == present[rng.integers(len(present))]
+        low = low_res_target(target, self.preprocess, self.low_res)
+        if not low.any():  # a target too small for the low-res grid: its nearest pixel
+            rows, cols = np.nonzero(target)
+            new_hw = resized_shape(target.shape, self.preprocess)
+            to_low = [n / o * self.low_res / self.preprocess.image_size for n, o in zip(new_hw, target.shape)]
+            low[min(int(rows.mean() * to_low[0]), self.low_res - 1), min(int(cols.mean() * to_low[1]), self.low_res - 1)] = 1
+        size = self.preprocess.image_size
+        return {
+            "target": torch.from_numpy(low)[None],
+            "box": torch.from_numpy(jittered_box(low, size, self.options.box_jitter, rng if train else None)),
+            "point": torch.from_numpy(click(low, size, rng if train else None)),
+        }

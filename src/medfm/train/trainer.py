@@ -1,0 +1,454 @@
+"""The training loop: any recipe, any base medfm loads, on CPU or CUDA, one process or several.
+
+- AdamW over the recipe's trainable parameters; the learning rate warms up linearly over the first
+  ``warmup`` share of the optimizer steps, then decays to 0 along a cosine; gradient accumulation;
+  optional bf16 autocast (default: on for CUDA devices that support it, off on the CPU).
+- loss: Dice + BCE on the low-res logits (4E x 4E, the model-input frame) + ``iou_weight`` x the MSE
+  of the IoU head against the IoU the mask actually reached. Prompts: a jittered box, iterative
+  clicks (a first click on the target, then ``click_iterations`` corrections on the error region,
+  each pass fed the previous logits as mask prompt, losses averaged), or none (autoprompt).
+- every epoch: validation Dice (tight boxes, centre clicks), ``RUN_DIR/last`` and, when the Dice
+  improved, ``RUN_DIR/best`` (medfm model folders), then ``RUN_DIR/state.pt``: trained tensors,
+  optimizer, scheduler, torch RNG, epoch and history, written atomically. ``resume=True``
+  continues after the last finished epoch; data order and augmentation depend only on (seed,
+  epoch, sample), so a resumed run sees what an uninterrupted one would.
+- several processes (``torchrun --nproc_per_node N -m medfm train ...``; ``WORLD_SIZE`` set):
+  ``torch.distributed`` (gloo on the CPU, NCCL on CUDA), a `DistributedSampler`, gradients averaged
+  across processes before each step (an explicit all-reduce: the loop calls ``encode``/``decode``,
+  not ``forward``, which DDP's wrapper would need), checkpoints written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from medfm.errors import InputFileError, MedfmError
+from medfm.evaluate.datasets import discover_cases, split_cases
+from medfm.progress import progress_bar
+from medfm.segment.model import PRETRAINED, SegmentationModel, load
+from medfm.segment.sam import SamCore
+from medfm.train.data import (
+    EmbeddingCache,
+    SampleOptions,
+    SegmentationSamples,
+    sample_refs,
+)
+from medfm.train.recipes import (
+    Recipe,
+    apply_recipe,
+    delta_keys,
+    freeze_frozen_norms,
+    trainable_parameters,
+)
+
+PROMPTS = ("box", "clicks", "none")
+STATE_NAME = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; `train` records it in ``RUN_DIR/run.json``."""
+
+    base: str
+    data: Path
+    out: Path
+    recipe: Recipe
+    val: Path | None = None
+    validation_fraction: float = 0.1  #: of ``data``, split by patient, when ``val`` is not given
+    datasets: tuple[str, ...] | None = None
+    limit_per_dataset: int | None = None
+    slices_per_volume: int | None = 8
+    epochs: int = 10
+    max_steps: int | None = None  #: optimizer steps over the whole run
+    budget_minutes: float | None = None  #: training time over the whole run (resumes included)
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    iou_weight: float = 1.0
+    prompt: str | None = None  #: box, clicks or none; default: none for autoprompt, else box
+    click_iterations: int = 3
+    box_jitter: int = 5
+    augment: bool = True
+    cache_embeddings: Path | None = None  #: default RUN_DIR/embedding-cache (frozen-encoder recipes)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool | None = None
+    workers: int = 0
+    resume: bool = False
+    progress: bool = False
+
+    def prompt_mode(self) -> str:
+        mode = self.prompt or ("none" if self.recipe.name == "autoprompt" else "box")
+        if mode not in PROMPTS:
+            raise MedfmError(f"unknown prompt mode '{mode}'; choose one of {', '.join(PROMPTS)}")
+        if (mode == "none") != (self.recipe.name == "autoprompt"):
+            raise MedfmError("the autoprompt recipe trains without prompts, every other recipe with box or clicks")
+        return mode
+
+
+@dataclass
+class TrainResult:
+    """Where the run's models are, and what each epoch gave."""
+
+    best: Path
+    last: Path
+    history: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+
+class _Run:
+    """Process-group facts: rank, world size, device."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(f"cuda:{local}" if device == "cuda" else device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _base_id(base: str) -> tuple[str, str]:
+    """The base as config.json records it (registry name, or absolute folder/file) and a cache identity."""
+    if base in PRETRAINED:
+        return base, f"{base}:{PRETRAINED[base].sha256 or PRETRAINED[base].source}"
+    path = Path(base).resolve()
+    weights = path / "model.safetensors" if path.is_dir() else path
+    stamp = weights.stat().st_mtime_ns if weights.exists() else 0
+    return str(path), f"{path}:{stamp}"
+
+
+def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, round(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
+def dice_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """Soft Dice loss + binary cross-entropy, per mask, averaged; logits and target (B, 1, L, L)."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = 1 - (2 * (probabilities * flat).sum(1) + 1) / (probabilities.sum(1) + flat.sum(1) + 1)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def _hard_iou(logits: Tensor, target: Tensor) -> Tensor:
+    predicted, truth = (logits > 0).flatten(1), (target > 0.5).flatten(1)
+    union = (predicted | truth).sum(1)
+    return torch.where(union > 0, (predicted & truth).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
+
+
+def _hard_dice(logits: Tensor, target: Tensor) -> Tensor:
+    predicted, truth = (logits > 0).flatten(1), (target > 0.5).flatten(1)
+    total = predicted.sum(1) + truth.sum(1)
+    return torch.where(total > 0, 2 * (predicted & truth).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
+
+
+def correction_click(logits: Tensor, target: Tensor, image_size: int, generator: torch.Generator | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """A click per row on a random pixel of the error region (anywhere if none): positive where the
+    target was missed, negative where the mask overshoots. -> points (B, 1, 2), labels (B, 1)."""
+    wrong = ((logits[:, 0] > 0) != (target[:, 0] > 0.5)).flatten(1).float()
+    side = logits.shape[-1]
+    index = torch.multinomial((wrong + 1e-6).cpu(), 1, generator=generator).to(logits.device)[:, 0]
+    rows, cols = index // side, index % side
+    labels = target[:, 0].flatten(1).gather(1, index[:, None]).round().long()
+    scale = image_size / side
+    points = torch.stack([(cols + 0.5) * scale, (rows + 0.5) * scale], dim=-1)[:, None].float()
+    return points, labels
+
+
+def predict(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor], mode: str, iterations: int,
+            generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+    """(logits, iou) of each decoder pass for a batch (one prompt per image)."""
+    device = embeddings.device
+    if mode == "none":
+        return [network.decode(embeddings)]
+    if mode == "box":
+        return [network.decode(embeddings, boxes=batch["box"].to(device))]
+    target = batch["target"].to(device)
+    points = batch["point"].to(device)[:, None]
+    labels = torch.ones(points.shape[:2], dtype=torch.long, device=device)
+    outputs, mask_input = [], None
+    for round_ in range(iterations + 1):
+        outputs.append(network.decode(embeddings, points=points, point_labels=labels, mask_input=mask_input))
+        if round_ < iterations:
+            logits = outputs[-1][0].detach().float()
+            new_points, new_labels = correction_click(logits, target, network.config.image_size, generator)
+            points, labels = torch.cat([points, new_points], 1), torch.cat([labels, new_labels], 1)
+            mask_input = logits
+    return outputs
+
+
+class Trainer:
+    """One run of `TrainConfig` (use `train`)."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.run = _Run(config.device)
+        self.log = log if self.run.main else (lambda text: None)
+        self.mode = config.prompt_mode()
+        device = self.run.device
+        self.bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.out = Path(config.out)
+        self.base_id, cache_id = _base_id(config.base)
+        torch.manual_seed(config.seed)  # the recipe's new modules start alike on every rank
+        self.base = load(config.base)
+        self.network = apply_recipe(self.base.network, config.recipe).to(device)
+        self.trained = sorted(delta_keys(self.network, config.recipe))
+        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        self.train_set, self.val_set = self._datasets(cache_id)
+
+    def _datasets(self, cache_id: str) -> tuple[SegmentationSamples, SegmentationSamples | None]:
+        config, preprocess = self.config, self.base.preprocess
+        cases = discover_cases(config.data, config.datasets, config.limit_per_dataset)
+        if config.val is not None:
+            train_cases, val_cases = cases, discover_cases(config.val, config.datasets, config.limit_per_dataset)
+        else:
+            train_cases, val_cases = split_cases(cases, config.validation_fraction, config.seed)
+        train_refs = sample_refs(train_cases, config.slices_per_volume)
+        val_refs = sample_refs(val_cases, config.slices_per_volume)
+        if not train_refs:
+            raise InputFileError(config.data, "holds no training image (or slice) with foreground in its mask")
+        cache = None
+        if config.recipe.frozen_encoder:
+            cache = EmbeddingCache(Path(config.cache_embeddings or self.out / "embedding-cache"), cache_id, preprocess)
+            self._fill_cache(cache, train_refs + val_refs)
+        low = 4 * self.network.config.embedding_size
+        foreground = self.mode == "none"
+        train = SegmentationSamples(train_refs, preprocess, low, SampleOptions(True, config.augment, config.box_jitter,
+                                    foreground), config.seed, cache)
+        val = SegmentationSamples(val_refs, preprocess, low, SampleOptions(False, False, 0, foreground), config.seed,
+                                  cache) if val_refs else None
+        return train, val
+
+    def _fill_cache(self, cache: EmbeddingCache, refs: list) -> None:
+        mine = refs[self.run.rank :: self.run.world]
+        encoder = self.network.eval()
+        with progress_bar(self.config.progress and self.run.main, len(mine), "caching embeddings") as advance:
+            cache.fill(mine, lambda pixels: encoder.encode(pixels.to(self.run.device)), self.config.batch_size, advance)
+        self.run.barrier()
+
+    def _loader(self, dataset: SegmentationSamples, shuffle: bool) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(dataset, self.run.world, self.run.rank, shuffle=shuffle, seed=self.config.seed)
+        loader = DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=self.config.workers)
+        return loader, sampler
+
+    def _embeddings(self, batch: dict[str, Tensor]) -> Tensor:
+        if "embedding" in batch:
+            return batch["embedding"].to(self.run.device, torch.float32)
+        return self.network.encode(batch["pixels"].to(self.run.device))
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        target = batch["target"].to(self.run.device)
+        with self._autocast():
+            outputs = predict(self.network, self._embeddings(batch), batch, self.mode, self.config.click_iterations)
+        losses = []
+        for logits, iou in outputs:
+            logits = logits.float()
+            loss = dice_bce(logits, target)
+            if self.config.iou_weight:
+                loss = loss + self.config.iou_weight * F.mse_loss(iou.float()[:, 0], _hard_iou(logits.detach(), target))
+            losses.append(loss)
+        return torch.stack(losses).mean()
+
+    def _average_gradients(self) -> None:
+        if self.run.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.run.world
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean Dice over the validation samples (all processes together), None without any."""
+        if self.val_set is None:
+            return None
+        self.network.eval()
+        indices = list(range(self.run.rank, len(self.val_set), self.run.world))
+        generator = torch.Generator().manual_seed(self.config.seed)
+        total = 0.0
+        for start in range(0, len(indices), self.config.batch_size):
+            items = [self.val_set[i] for i in indices[start : start + self.config.batch_size]]
+            batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+            with self._autocast():
+                logits, _ = predict(self.network, self._embeddings(batch), batch, self.mode,
+                                    self.config.click_iterations, generator)[-1]
+            total += _hard_dice(logits.float(), batch["target"].to(self.run.device)).sum().item()
+        dice_sum, count = self.run.sum([total, float(len(indices))])
+        return dice_sum / count
+
+    def save_model(self, directory: Path, epoch: int, val_dice: float | None) -> None:
+        """A medfm model folder: the full model (full recipe) or the trained tensors over the base."""
+        recipe = self.config.recipe
+        model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch)
+        training = {"base": self.base_id, "recipe": recipe.to_dict(), "epochs_trained": epoch, "val_dice": val_dice}
+        model.save_pretrained(directory, training=training, only=self.trained if recipe.saves_delta else None)
+
+    def fit(self) -> TrainResult:
+        config, run = self.config, self.run
+        state_path = self.out / STATE_NAME
+        if state_path.exists() and not config.resume:
+            raise MedfmError(f"{self.out} already holds a run: pass --resume to continue it, or another output folder")
+        loader, sampler = self._loader(self.train_set, shuffle=True)
+        per_epoch = math.ceil(len(loader) / config.grad_accum)
+        total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup))
+        start_epoch, step, best, history, seconds = 0, 0, -1.0, [], 0.0
+        if config.resume and state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if state["recipe"] != config.recipe.to_dict() or state["base"] != self.base_id:
+                raise MedfmError(f"{state_path}: was trained with recipe {state['recipe']} on {state['base']}; "
+                                 "resume it with the same --recipe and --base")
+            self.network.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, step, best, history, seconds = (state["epoch"], state["step"], state["best"],
+                                                         json.loads(state["history"]), state["seconds"])
+            self.log(f"resuming {self.out} after epoch {start_epoch} (step {step})")
+        if run.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2) + "\n")
+        self.log(f"{config.recipe.name} on {self.base_id}: {trainable_parameters(self.network):,} trainable parameters, "
+                 f"{len(self.train_set)} training / {len(self.val_set or [])} validation samples, {total} steps, "
+                 f"{run.world} process(es) on {run.device}{', bf16' if self.bf16 else ''}")
+        started = time.monotonic() - seconds
+        stop = step >= total
+        for epoch in range(start_epoch, config.epochs):
+            if stop:
+                break
+            self.train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            self.network.train()
+            freeze_frozen_norms(self.network)
+            if config.recipe.frozen_encoder:
+                self.network.image_encoder.eval()
+            epoch_start, running, seen = time.monotonic(), 0.0, 0
+            optimizer.zero_grad(set_to_none=True)
+            with progress_bar(config.progress and run.main, len(loader), f"epoch {epoch + 1}/{config.epochs}") as advance:
+                for index, batch in enumerate(loader):
+                    loss = self._loss(batch)
+                    (loss / config.grad_accum).backward()
+                    running, seen = running + loss.item(), seen + 1
+                    if (index + 1) % config.grad_accum == 0 or index + 1 == len(loader):
+                        self._average_gradients()
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        over_budget = config.budget_minutes is not None and time.monotonic() - started > 60 * config.budget_minutes
+                        stop = run.sum([float(step >= total or over_budget)])[0] > 0
+                    speed = seen * config.batch_size * run.world / (time.monotonic() - epoch_start)
+                    advance(f"loss {running / seen:.4f}  {speed:.2f} img/s")
+                    if stop:
+                        break
+            dice = self.validate()
+            record = {"epoch": epoch + 1, "step": step, "loss": running / max(seen, 1), "val_dice": dice,
+                      "seconds": time.monotonic() - epoch_start}
+            history.append(record)
+            improved = dice is None or dice > best
+            best = max(best, dice) if dice is not None else best
+            self.log(f"epoch {epoch + 1}: loss {record['loss']:.4f}, validation Dice "
+                     f"{'-' if dice is None else f'{dice:.4f}'}, {record['seconds']:.1f} s{' (best)' if improved else ''}")
+            if run.main:
+                self.save_model(self.out / "last", epoch + 1, dice)
+                if improved:
+                    self.save_model(self.out / "best", epoch + 1, dice)
+                seconds = time.monotonic() - started
+                self._save_state(state_path, epoch + 1, step, best, history, seconds, optimizer, scheduler)
+                self._write_metrics(history, seconds)
+            run.barrier()
+        seconds = time.monotonic() - started
+        return TrainResult(self.out / "best", self.out / "last", history, trainable_parameters(self.network), seconds)
+
+    def _save_state(self, path: Path, epoch: int, step: int, best: float, history: list[dict], seconds: float,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        from medfm.io.writers import atomic_path
+
+        state = self.network.state_dict()
+        payload = {
+            "model": {key: state[key].detach().cpu() for key in self.trained}, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step,
+            "best": best, "history": json.dumps(history), "seconds": seconds,
+            "recipe": self.config.recipe.to_dict(), "base": self.base_id,
+        }
+        with atomic_path(path) as temporary:
+            torch.save(payload, temporary)
+
+    def _write_metrics(self, history: list[dict], seconds: float) -> None:
+        from medfm.io.writers import atomic_path
+
+        device = self.run.device
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        metrics = {"recipe": self.config.recipe.to_dict(), "base": self.base_id,
+                   "trainable_parameters": trainable_parameters(self.network), "training_seconds": seconds,
+                   "peak_memory_mb": peak / 2**20, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+                   "best_val_dice": max((h["val_dice"] for h in history if h["val_dice"] is not None), default=None),
+                   "history": history}
+        with atomic_path(self.out / "metrics.json") as temporary:
+            temporary.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``config.recipe`` on ``config.base``; see the module docstring."""
+    return Trainer(config, log).fit()

@@ -1,0 +1,145 @@
+"""Training (medfm.train): every recipe trains a few steps on a tiny random LiteMedSAM-shaped model
+and a tiny synthetic dataset (PNG images and a NIfTI volume), saves, reloads with the same
+predictions, and resumes; the partial recipes save only what they trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import medfm
+from medfm.errors import MedfmError
+from medfm.evaluate.datasets import discover_cases
+from medfm.preprocess import LITEMEDSAM_PREPROCESS
+from medfm.segment.model import SegmentationModel
+from medfm.segment.sam import build_sam
+from medfm.train import Recipe, TrainConfig
+from medfm.train.data import SampleOptions, SegmentationSamples, sample_refs
+from medfm.train.recipes import merge_for_inference
+from medfm.train.trainer import Trainer
+
+TINY = {"embed_dims": (16, 24, 32, 40), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 2), "window_sizes": (7, 7, 7, 7)}
+
+
+def write_tiny_base(folder: Path) -> Path:
+    """A random LiteMedSAM-shaped model at 64 px input, saved as a medfm model folder."""
+    torch.manual_seed(0)
+    network = build_sam("litemedsam", image_size=64, encoder=TINY, decoder_mlp_dim=64)
+    preprocess = dataclasses.replace(LITEMEDSAM_PREPROCESS, image_size=64)
+    return SegmentationModel(network, preprocess, "tiny", "litemedsam").save_pretrained(folder)
+
+
+def write_tiny_dataset(folder: Path, images: int = 4, volume: bool = True) -> Path:
+    """images/<id>.png + masks/<id>.png with two labels, and one NIfTI volume with 2 foreground slices."""
+    import nibabel as nib
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        image = rng.integers(0, 60, (48, 64), dtype=np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        y, x = rng.integers(5, 25, 2)
+        mask[y : y + 15, x : x + 20] = 1
+        mask[30:40, 40:55] = 2
+        image[mask > 0] += 120
+        Image.fromarray(image).save(folder / "images" / f"c{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"c{i}.png")
+    if volume:
+        values = rng.normal(0, 50, (40, 40, 5)).astype(np.float32)
+        labels = np.zeros((40, 40, 5), np.uint8)
+        labels[10:25, 12:30, 1:3] = 1
+        values[labels > 0] += 200
+        nib.save(nib.Nifti1Image(values, np.eye(4)), folder / "images" / "v0.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), folder / "masks" / "v0.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    return write_tiny_base(root / "base"), write_tiny_dataset(root / "data")
+
+
+def config(setup, out: Path, recipe: str, **options) -> TrainConfig:
+    base, data = setup
+    values = {"epochs": 1, "max_steps": 2, "batch_size": 2, "validation_fraction": 0.3, "click_iterations": 1}
+    return TrainConfig(base=str(base), data=data, out=out, recipe=Recipe(recipe), **(values | options))
+
+
+def predictions(model: SegmentationModel, **options) -> np.ndarray:
+    predictor = model.predictor(**options)
+    predictor.set_image(np.random.default_rng(1).integers(0, 255, (48, 64), dtype=np.uint8))
+    return predictor.predict(boxes=[[5, 5, 40, 30]]).logits
+
+
+@pytest.mark.parametrize(
+    "recipe,options,delta_prefixes",
+    [
+        ("decoder", {}, {"mask_decoder."}),
+        ("full", {}, None),
+        ("lora", {"prompt": "clicks"}, {"mask_decoder.", "lora_"}),
+        ("adapter", {"prompt": "clicks"}, {"mask_decoder.", ".adapter."}),
+        ("autoprompt", {}, {"prompt_generator."}),
+    ],
+)
+def test_recipe_trains_saves_reloads_and_resumes(setup, tmp_path, recipe, options, delta_prefixes) -> None:
+    trainer = Trainer(config(setup, tmp_path / "run", recipe, **options), lambda text: None)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    result = trainer.fit()
+    after = trainer.network.state_dict()
+    trained = set(trainer.trained)
+    changed = {k for k in trained if not torch.equal(before[k], after[k])}
+    assert changed, "no trained tensor changed"
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in trained and "running_" not in k)
+
+    saved = load_file(str(result.last / "model.safetensors"))
+    config_json = json.loads((result.last / "config.json").read_text())
+    assert config_json["recipe"]["name"] == recipe and config_json["base"] == str(setup[0].resolve())
+    if delta_prefixes is None:
+        assert set(saved) == set(after) and not config_json["delta"]
+    else:
+        assert set(saved) == trained and config_json["delta"]
+        assert all(any(p in key for p in delta_prefixes) for key in saved)
+
+    reloaded = medfm.load(result.last)
+    trained_model = SegmentationModel(merge_for_inference(trainer.network).eval(), reloaded.preprocess, "t", "litemedsam")
+    np.testing.assert_allclose(predictions(reloaded), predictions(trained_model, optimize=False), atol=1e-4)
+
+    resumed = Trainer(config(setup, tmp_path / "run", recipe, epochs=2, max_steps=None, resume=True, **options),
+                      lambda text: None).fit()
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
+def test_samples_slices_cache_and_prompts(setup, tmp_path) -> None:
+    base, data = setup
+    cases = discover_cases(data)
+    refs = sample_refs(cases, slices_per_volume=1)
+    assert [r.slice_index for r in refs if r.case.is_volume] == [1] and len(refs) == 5
+    preprocess = medfm.load(base).preprocess
+    train = SegmentationSamples(refs, preprocess, 64, SampleOptions(box_jitter=4), seed=3)
+    first, again = train[0], train[0]
+    assert first["pixels"].shape == (3, 64, 64) and first["target"].shape == (1, 64, 64)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a sample depends on (seed, epoch, index)
+    train.set_epoch(1)
+    assert not all(torch.equal(first[k], train[0][k]) for k in first)
+    box = first["box"].numpy()
+    assert box[0] < box[2] and box[1] < box[3] and (box >= 0).all() and (box <= 63).all()
+
+
+def test_existing_run_needs_resume_and_bad_options_are_clear(setup, tmp_path) -> None:
+    Trainer(config(setup, tmp_path / "run", "decoder"), lambda text: None).fit()
+    with pytest.raises(MedfmError, match="--resume"):
+        Trainer(config(setup, tmp_path / "run", "decoder"), lambda text: None).fit()
+    with pytest.raises(MedfmError, match="unknown recipe"):
+        Recipe("samed-ish")
+    with pytest.raises(MedfmError, match="name no Linear layer"):
+        wrong = dataclasses.replace(config(setup, tmp_path / "other", "lora"), recipe=Recipe("lora", lora_targets=("q_proj",)))
+        Trainer(wrong, lambda text: None)
