@@ -64,7 +64,7 @@ class Evaluation:
 
 def evaluate(
     models: Sequence[str | SegmentationModel],
-    data: str | Path,
+    data: str | Path | Sequence[Case],
     *,
     prompt: str | Sequence[str] = "box",
     uncertainty: bool = False,
@@ -74,10 +74,14 @@ def evaluate(
     tolerance_mm: float = 2.0,
     progress: bool = False,
 ) -> Evaluation:
-    """Evaluate each model on every case under ``data`` with simulated prompts of each ``prompt`` mode
-    (one image embedding serves all modes and all targets of an image)."""
+    """Evaluate each model on every case under ``data`` (a folder, or cases already chosen, such as a
+    validation split) with simulated prompts of each ``prompt`` mode (one image embedding serves all
+    modes and all targets of an image)."""
     modes = [prompt] if isinstance(prompt, str) else list(prompt)
-    cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
+    if isinstance(data, (str, Path)):
+        cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
+    else:
+        cases = [c for c in data if datasets is None or c.dataset in datasets]
     loaded = [m if isinstance(m, SegmentationModel) else load(m) for m in models]
     evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases})
     started = time.perf_counter()
