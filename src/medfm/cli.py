@@ -252,6 +252,57 @@ def train(
 
 
 @app.command()
+def classify(
+    image: Annotated[Path, typer.Argument(help="A 2D image: PNG/JPEG, DICOM, a 2D NIfTI.")],
+    labels: Annotated[list[str], typer.Option("--labels", help="Class names after the image: --labels pneumonia normal ...")],
+    model: Annotated[str, typer.Option(help="medfm-clip-small, biomedclip, chexzero, hf-hub:ORG/NAME or a model folder.")] = "medfm-clip-small",
+    weights: Annotated[Optional[Path], typer.Option(help="Local copy of the named model's published weights.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="CheXzero: OpenAI CLIP's tokenizer folder or hub id.")] = None,
+    pos_neg: Annotated[bool, typer.Option("--pos-neg", help="CheXzero's scoring: each label against 'no <label>'.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Zero-shot classification: the probability of each text label for the image."""
+    from medfm.clip import classify as zero_shot, load
+
+    network = load(model, weights=weights, tokenizer=tokenizer)
+    probabilities = zero_shot(image, labels, network, method="pos-neg" if pos_neg else "softmax")
+    if as_json:
+        print(json.dumps(probabilities, indent=2))
+        return
+    table = Table(title=f"{image} ({network.name}{', each label vs no label' if pos_neg else ''})", title_justify="left")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    for label, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        table.add_row(label, f"{probability:.4f}")
+    console.print(table)
+
+
+@app.command()
+def retrieve(
+    text: Annotated[str, typer.Option(help="The query, e.g. 'chest x-ray with pneumonia'.")],
+    images: Annotated[Path, typer.Option(help="Folder of images to rank.")],
+    top: Annotated[int, typer.Option(help="How many images to list.")] = 5,
+    model: Annotated[str, typer.Option(help="medfm-clip-small, biomedclip, chexzero, hf-hub:ORG/NAME or a model folder.")] = "medfm-clip-small",
+    weights: Annotated[Optional[Path], typer.Option(help="Local copy of the named model's published weights.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="CheXzero: OpenAI CLIP's tokenizer folder or hub id.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Text-to-image retrieval: the images of a folder most similar to a text, best first."""
+    from medfm.clip import load, retrieve_images
+
+    hits = retrieve_images(text, images, load(model, weights=weights, tokenizer=tokenizer), top_k=top)
+    if as_json:
+        print(json.dumps([{"image": str(path), "similarity": score} for path, score in hits], indent=2))
+        return
+    table = Table(title=f"'{text}'", title_justify="left")
+    for column in ("rank", "image", "similarity"):
+        table.add_column(column)
+    for rank, (path, score) in enumerate(hits, 1):
+        table.add_row(str(rank), str(path), f"{score:.4f}")
+    console.print(table)
+
+
+@app.command()
 def version() -> None:
     """Print medfm's version."""
     print(medfm.__version__)
@@ -287,10 +338,28 @@ def _is_number(token: str) -> bool:
     return True
 
 
+#: Options that take several words, as in ``--labels pneumonia normal`` (click needs the option before each).
+MULTI_VALUE_OPTIONS = {"--labels"}
+
+
+def spread_multi_value_options(argv: list[str]) -> list[str]:
+    """``--labels a b c`` -> ``--labels a --labels b --labels c``: the values run up to the next
+    token that starts with ``-``."""
+    spread, option = [], None
+    for token in argv:
+        if token.startswith("-"):
+            option = token if token in MULTI_VALUE_OPTIONS else None
+            if option is None:
+                spread.append(token)
+            continue
+        spread.extend([option, token] if option else [token])
+    return spread
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(args=group_numeric_options(sys.argv[1:]), prog_name="medfm")
+        app(args=spread_multi_value_options(group_numeric_options(sys.argv[1:])), prog_name="medfm")
     except MedfmError as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -24,7 +24,7 @@ import importlib.metadata
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -148,6 +148,14 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     ]
 }
 DEFAULT_MODEL = "litemedsam"
+
+#: medfm's own models, shipped inside the package as medfm model folders (``weights/<name>/``:
+#: config.json, model.safetensors and MODEL_CARD.md); fine-tunes hold only their trained tensors
+#: and name their base in config.json.
+BUNDLED: dict[str, str] = {
+    "medfm-litemedsam-ft": "LiteMedSAM with its mask decoder fine-tuned by medfm on 23 public 2D datasets (box prompts)",
+}
+BUNDLED_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass
@@ -321,7 +329,7 @@ def _download(name: str, url: str, path: Path, role: str = "weights") -> None:
 
 def available_models() -> list[str]:
     """Registry names that ``load`` accepts."""
-    return sorted(PRETRAINED)
+    return sorted([*PRETRAINED, *BUNDLED])
 
 
 def load(
@@ -340,6 +348,12 @@ def load(
     """
     text = str(name_or_path)
     path = Path(name_or_path)
+    if text in BUNDLED:
+        if weights is not None or lora is not None or overrides:
+            raise MedfmError(f"'{text}' is shipped with medfm: it takes no weights=, lora= or overrides")
+        model = SegmentationModel.from_pretrained(BUNDLED_DIR / text)
+        model.name = text
+        return model.to(device)
     if text in PRETRAINED:
         spec = PRETRAINED[text]
         roles = {extra.role for extra in spec.extra}
@@ -396,18 +410,16 @@ HF_PREPROCESSOR_NAME = "preprocessor_config.json"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local folder of a Hugging Face hub model, downloaded once into the hub cache; offline
-    (``HF_HUB_OFFLINE=1`` or ``MEDFM_OFFLINE=1``) only the cache is used."""
+def hub_snapshot(repo_id: str, patterns: Sequence[str] = ("config.json", HF_PREPROCESSOR_NAME, "*.safetensors", "pytorch_model.bin")) -> Path:
+    """The local folder of a Hugging Face hub model (the files matching ``patterns``; by default a
+    transformers SAM's), downloaded once into the hub cache; offline (``HF_HUB_OFFLINE=1`` or
+    ``MEDFM_OFFLINE=1``) only the cache is used."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDFM_OFFLINE") == "1"
     try:
-        return Path(snapshot_download(
-            repo_id, local_files_only=offline,
-            allow_patterns=["config.json", HF_PREPROCESSOR_NAME, "*.safetensors", "pytorch_model.bin"],
-        ))
+        return Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=list(patterns)))
     except LocalEntryNotFoundError as error:
         raise CheckpointError(repo_id, "not in the Hugging Face cache and the hub cannot be reached (offline); "
                               "download it once on a connected machine or pass a local folder") from error
