@@ -64,17 +64,23 @@ def test_every_card_validates_and_matches_its_file():
 def test_support_tells_the_truth_today():
     # A card that claims to run published weights names registry entries that exist and point
     # back at it; everything else is planned or has no public weights.
+    from medfm.clip.model import PUBLISHED_MODELS
     from medfm.segment.model import PRETRAINED
 
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
     running = list_models(support="runs-published-weights")
-    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed"}
+    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero"}
     for card in running:
-        assert card.medfm_names and all(PRETRAINED[name].card == card.id for name in card.medfm_names)
-    # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints
-    assert {card.id for card in list_models(support="architecture")} == {"msa"}
+        assert card.medfm_names and all(
+            PRETRAINED[name].card == card.id if name in PRETRAINED else name in PUBLISHED_MODELS for name in card.medfm_names
+        )
+    # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
+    # prior-image fusion is built and tested, its weights not loaded
+    assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"}
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
-    assert {card.support for card in list_models()} == {"planned", "closed-weights", "runs-published-weights", "architecture"}
+    # MedCLIP's semantic-matching loss trains medfm's dual encoders
+    assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip"}
+    assert {card.support for card in list_models()} == set(SUPPORT_LEVELS)
     assert all(card.weights is None for card in list_models(support="closed-weights"))
 
 

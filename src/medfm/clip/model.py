@@ -42,6 +42,8 @@ from medfm.clip.towers import (
 from medfm.errors import CheckpointError, MedfmError
 
 CONFIG_NAME = "config.json"
+#: published checkpoints `load` takes by name (their weights: the hub, or ``weights=``)
+PUBLISHED_MODELS = ("biomedclip", "chexzero")
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 TASK = "zero-shot-classification"
