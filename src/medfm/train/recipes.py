@@ -10,7 +10,7 @@
                 :class:`medfm.segment.adapters.LoRAQKVLinear` is that layer for loading SAMed's
                 files). ``lora_targets`` names other Linear layers by their last name part, e.g.
                 ``("qkv", "proj")``.
-``adapter``     Medical SAM Adapter / SAM-Med2D style: a bottleneck adapter (Linear down to
+``adapter``     Medical SAM Adapter / SAM-Med2D style: MSA's bottleneck adapter (Linear down to
                 ``adapter_ratio * C``, GELU, Linear up, zero-initialised, residual) after every
                 transformer block of the image encoder (TinyViT's attention blocks; every ViT
                 block) + the mask decoder.
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from transformers.models.sam.modeling_sam import SamVisionLayer
 
 from medfm.errors import MedfmError
+from medfm.segment.adapters import BottleneckAdapter
 from medfm.segment.sam import SamCore
 from medfm.segment.tinyvit import TinyViTBlock
 
@@ -78,20 +79,13 @@ class Recipe:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class BottleneckAdapter(nn.Module):
-    """``up(GELU(down(x)))`` on channels-last features, ``up`` zero-initialised (starts as a no-op)."""
-
-    def __init__(self, dim: int, ratio: float) -> None:
-        super().__init__()
-        hidden = max(1, round(dim * ratio))
-        self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.up = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.act(self.down(x)))
+def _zero_adapter(dim: int, ratio: float) -> BottleneckAdapter:
+    """MSA's bottleneck adapter without its skip (the hook adds it), its up-projection zeroed so that
+    training starts from the base model."""
+    adapter = BottleneckAdapter(dim, ratio, skip_connect=False)
+    nn.init.zeros_(adapter.D_fc2.weight)
+    nn.init.zeros_(adapter.D_fc2.bias)
+    return adapter
 
 
 def _add_adapter(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
@@ -162,7 +156,7 @@ def apply_recipe(network: SamCore, recipe: Recipe) -> SamCore:
         _lora(network.image_encoder, recipe)
     elif recipe.name == "adapter":
         for block in _blocks(network.image_encoder):
-            block.adapter = BottleneckAdapter(_block_width(block), recipe.adapter_ratio)
+            block.adapter = _zero_adapter(_block_width(block), recipe.adapter_ratio)
             block.register_forward_hook(_add_adapter)
     elif recipe.name == "autoprompt":
         base = network
