@@ -77,7 +77,7 @@ def config(setup, out: Path, recipe: str, **options) -> TrainConfig:
 def predictions(model: SegmentationModel, **options) -> np.ndarray:
     predictor = model.predictor(**options)
     predictor.set_image(np.random.default_rng(1).integers(0, 255, (48, 64), dtype=np.uint8))
-    return predictor.predict(boxes=[[5, 5, 40, 30]]).logits
+    return predictor.predict(boxes=[[5, 5, 40, 30], [20, 10, 60, 44]]).logits  # two prompts on one image
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,10 @@ def test_recipe_trains_saves_reloads_and_resumes(setup, tmp_path, recipe, option
 
     reloaded = medfm.load(result.last)
     trained_model = SegmentationModel(merge_for_inference(trainer.network).eval(), reloaded.preprocess, "t", "litemedsam")
-    np.testing.assert_allclose(predictions(reloaded), predictions(trained_model, optimize=False), atol=1e-4)
+    logits = predictions(reloaded)
+    np.testing.assert_allclose(logits, predictions(trained_model, optimize=False), atol=1e-4)
+    if recipe == "autoprompt":  # prompt-free: every prompt gets the same mask
+        np.testing.assert_array_equal(logits[0], logits[1])
 
     resumed = Trainer(config(setup, tmp_path / "run", recipe, epochs=2, max_steps=None, resume=True, **options),
                       lambda text: None).fit()

@@ -122,7 +122,10 @@ class AutoPromptSam(SamCore):
         self.prompt_generator = PromptGenerator(config.prompt_embed_dim, tokens)
 
     def prompt_embeddings(self, image_embedding: Tensor, sparse: Tensor | None, dense: Tensor) -> tuple[Tensor, Tensor]:
-        return self.prompt_generator(image_embedding)
+        """The generated embeddings, one set per prompt given (all alike: the prompts are ignored)."""
+        generated_sparse, generated_dense = self.prompt_generator(image_embedding)
+        count = len(sparse) if sparse is not None else len(image_embedding)
+        return generated_sparse.expand(count, -1, -1, -1), generated_dense
 
 
 def _lora(encoder: nn.Module, recipe: Recipe) -> None:
