@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from medfm.evaluate.datasets import discover_cases, split_cases
-from medfm.evaluate.runner import evaluate, summarize
+from medfm.evaluate.runner import evaluate, rows_as_dicts, summarize
 from medfm.segment.model import load
 from medfm.train import RECIPES
 
@@ -82,8 +82,9 @@ def main() -> None:
         model.name = name
     started = time.perf_counter()
     evaluation = evaluate(models, held_out_cases(args), prompt="box", progress=sys.stderr.isatty())
+    (args.out / "cases.json").write_text(json.dumps(rows_as_dicts(evaluation.rows), indent=1) + "\n")
     summary = summarize(evaluation.rows)
-    datasets = sorted({row.dataset for row in evaluation.rows})
+    datasets = sorted(summary["zero-shot"]["datasets"])  # datasets with a scored target (not only questionable boxes)
     metrics = {recipe: json.loads((run / "metrics.json").read_text()) for recipe, run in runs.items()}
     table = {
         name: {
