@@ -206,7 +206,7 @@ def test_semantic_matching_trains_on_unpaired_and_label_only_data() -> None:
         targets = semantic_targets(image_labels[:3], text_labels)
         moved = torch.cat([F.normalize(targets @ F.normalize(texts, dim=-1), dim=-1), images[3:]])
     better = semantic_matching_loss(moved, F.normalize(texts, dim=-1), image_labels, text_labels, 10.0)
-    assert float(better) < float(loss.detach())
+    assert float(better.detach()) < float(loss.detach())
 
 
 def test_biovil_t_fusion_of_a_prior_image() -> None:
