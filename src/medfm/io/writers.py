@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -215,3 +216,17 @@ def _write_dicom_seg(mask: np.ndarray, path: Path, like: MedicalImage | None, na
         device_serial_number="0",
     )
     seg.save_as(path)
+
+
+def write_model_folder(directory: str | PathLike[str], config: dict, tensors: dict) -> Path:
+    """A medfm model folder: ``model.safetensors`` (CPU-contiguous ``tensors``) and ``config.json``,
+    each written atomically; returns the folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata={"format": "pt"})
+    with atomic_path(directory / "config.json") as temporary:
+        temporary.write_text(json.dumps(config, indent=2) + "\n")
+    return directory

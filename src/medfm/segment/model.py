@@ -188,9 +188,7 @@ class SegmentationModel:
         written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
         modules on it and loads these tensors (`medfm.train.recipes.rebuild_from_delta`).
         """
-        from safetensors.torch import save_file
-
-        from medfm.io.writers import atomic_path
+        from medfm.io.writers import write_model_folder
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -207,11 +205,7 @@ class SegmentationModel:
         state = self.network.state_dict()
         keys = state.keys() if only is None else sorted(only)
         tensors = {key: state[key].detach().cpu().contiguous() for key in keys}
-        with atomic_path(directory / WEIGHTS_NAME) as temporary:
-            save_file(tensors, str(temporary), metadata={"format": "pt"})
-        with atomic_path(directory / CONFIG_NAME) as temporary:
-            temporary.write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        return write_model_folder(directory, config, tensors)
 
     @classmethod
     def from_pretrained(cls, directory: str | PathLike[str]) -> SegmentationModel:
