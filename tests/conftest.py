@@ -13,13 +13,24 @@ EXAMPLES = REPO / "examples"
 SHARED_DATA = Path(os.environ.get("MEDFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture(scope="session")
-def seg_data() -> Path:
-    """``../shared/data/seg``; tests that need it skip on a user's clone, which has no ``../shared``."""
-    folder = SHARED_DATA / "seg"
+def shared_folder(name: str) -> Path:
+    """``../shared/data/<name>``; tests that need it skip on a user's clone, which has no ``../shared``."""
+    folder = SHARED_DATA / name
     if not folder.is_dir():
         pytest.skip(f"real data folder {folder} is absent (only the project's machines have ../shared)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def seg_data() -> Path:
+    """``../shared/data/seg`` (segmentation cases)."""
+    return shared_folder("seg")
+
+
+@pytest.fixture(scope="session")
+def vl_data() -> Path:
+    """``../shared/data/vl`` (images with labels and reports)."""
+    return shared_folder("vl")
 
 
 def write_dicom_series(

@@ -12,18 +12,10 @@ import pytest
 import medfm
 from medfm.clip.data import DATASETS, is_held_out, read_records, training_texts
 from medfm.clip.model import WEIGHTS_DIR
-from tests.conftest import EXAMPLES, SHARED_DATA
+from tests.conftest import EXAMPLES
 from tests.test_cli import run_medfm
 
 SMALL = WEIGHTS_DIR / "medfm-clip-small"
-
-
-@pytest.fixture(scope="module")
-def vl_data() -> Path:
-    folder = SHARED_DATA / "vl"
-    if not folder.is_dir():
-        pytest.skip(f"real data folder {folder} is absent (only the project's machines have ../shared)")
-    return folder
 
 
 def test_shipped_model_is_small_and_names_its_frozen_towers() -> None:
