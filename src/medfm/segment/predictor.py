@@ -74,7 +74,7 @@ class Predictor:
         self.engine = InferenceEngine(model.network, precision) if optimize else None
         self.embedding: torch.Tensor | None = None
         self.geometry: Geometry | None = None
-        self._values_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        self._values_cache: tuple[np.ndarray, IntensityPreset | None, np.ndarray] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -133,10 +133,11 @@ class Predictor:
         return prepare(values, self.model.preprocess)
 
     def _cached_values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        key = (id(image.array), hash(intensity))
-        if self._values_cache is None or self._values_cache[0] != key:
-            self._values_cache = (key, self._values(image, intensity))
-        return self._values_cache[1]
+        # keyed by the array object itself (held, so its id cannot be reused by a later image)
+        cached = self._values_cache
+        if cached is None or cached[0] is not image.array or cached[1] != intensity:
+            self._values_cache = cached = (image.array, intensity, self._values(image, intensity))
+        return cached[2]
 
     def predict(
         self,
