@@ -182,6 +182,16 @@ def test_split_by_case_when_no_patient_and_per_dataset():
         split_cases(cases, 1.5)
 
 
+def test_split_raises_small_datasets_to_a_minimum_but_never_past_half():
+    cases = ([make_case("big", f"g{i:03d}", None) for i in range(100)] + [make_case("small", f"s{i}", None) for i in range(10)]
+             + [make_case("tiny", f"t{i}", None) for i in range(3)])
+    counts = Counter(case.dataset for case in split_cases(cases, 0.2, seed=3, min_validation=4)[1])
+    assert counts == {"big": 20, "small": 4, "tiny": 1}
+    assert Counter(case.dataset for case in split_cases(cases, 0.2, seed=3)[1]) == {"big": 20, "small": 2, "tiny": 1}
+    with pytest.raises(ValueError):
+        split_cases(cases, 0.2, min_validation=-1)
+
+
 def test_split_keeps_a_single_subject_together():
     cases = [make_case("one", f"slice{i}", "subject") for i in range(10)]
     train, valid = split_cases(cases, 0.2)

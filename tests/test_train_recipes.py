@@ -146,3 +146,51 @@ def test_existing_run_needs_resume_and_bad_options_are_clear(setup, tmp_path) ->
     with pytest.raises(MedfmError, match="name no Linear layer"):
         wrong = dataclasses.replace(config(setup, tmp_path / "other", "lora"), recipe=Recipe("lora", lora_targets=("q_proj",)))
         Trainer(wrong, lambda text: None)
+
+
+def test_blend_with_base_moves_the_trained_tensors_back_linearly(setup, tmp_path) -> None:
+    from medfm.errors import OptionError
+    from medfm.train.recipes import blend_with_base
+
+    result = Trainer(config(setup, tmp_path / "run", "decoder", max_steps=3), lambda text: None).fit()
+    base = medfm.load(setup[0]).network.state_dict()
+    trained = load_file(str(result.last / "model.safetensors"))
+    half = blend_with_base(result.last, 0.5, tmp_path / "half")
+    blended = load_file(str(half / "model.safetensors"))
+    assert set(blended) == set(trained)
+    changed = [key for key in trained if not torch.equal(trained[key], base[key])]
+    assert changed
+    for key in changed:
+        torch.testing.assert_close(blended[key], (base[key] + trained[key]) / 2)
+    assert json.loads((half / "config.json").read_text())["blend"]["alpha"] == 0.5
+    np.testing.assert_allclose(predictions(medfm.load(blend_with_base(result.last, 0.0, tmp_path / "zero"))),
+                               predictions(medfm.load(setup[0])), atol=1e-5)  # alpha 0 is the base
+    np.testing.assert_allclose(predictions(medfm.load(blend_with_base(result.last, 1.0, tmp_path / "one"))),
+                               predictions(medfm.load(result.last)), atol=1e-5)
+    with pytest.raises(OptionError, match="alpha"):
+        blend_with_base(result.last, 1.5, tmp_path / "bad")
+    lora = Trainer(config(setup, tmp_path / "lora", "lora", max_steps=1), lambda text: None).fit()
+    with pytest.raises(OptionError, match="lora run cannot be blended"):
+        blend_with_base(lora.last, 0.5, tmp_path / "bad")
+
+
+def test_embedding_cache_follows_file_contents_not_paths_or_times(setup, tmp_path) -> None:
+    import shutil
+
+    from medfm.train.data import EmbeddingCache
+
+    base, data = setup
+    preprocess = medfm.load(base).preprocess
+    refs = [r for r in sample_refs(discover_cases(data)) if not r.case.is_volume][:2]
+    cache = EmbeddingCache(tmp_path / "cache", "tiny", preprocess)
+    cache.fill(refs, lambda pixels: torch.ones(len(pixels), 4, 2, 2))
+    copy = shutil.copytree(data, tmp_path / "copy")  # new paths and times, same bytes
+    copied = [r for r in sample_refs(discover_cases(copy)) if not r.case.is_volume][:2]
+    fresh = EmbeddingCache(tmp_path / "cache", "tiny", preprocess)
+    assert [fresh.path(r) for r in copied] == [cache.path(r) for r in refs]
+    assert all(fresh.path(r).is_file() for r in copied)
+    image = Image.open(copied[0].case.image_path)
+    np.asarray(image)  # load before overwriting
+    Image.fromarray(255 - np.asarray(image)).save(copied[0].case.image_path)  # same name, new contents
+    assert fresh.path(copied[0]) != cache.path(refs[0]) and fresh.path(copied[1]) == cache.path(refs[1])
+    assert EmbeddingCache(tmp_path / "cache", "other", preprocess).path(refs[1]) != cache.path(refs[1])

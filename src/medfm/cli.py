@@ -207,6 +207,7 @@ def train(
     base: Annotated[str, typer.Option(help="Base model: registry name or model folder.")] = "litemedsam",
     val: Annotated[Optional[Path], typer.Option(help="Validation data (default: a patient-wise split of --data).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of --data for validation when --val is not given.")] = 0.1,
+    min_val_cases: Annotated[int, typer.Option(help="Hold out at least this many cases per dataset (at most half of it).")] = 0,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
     slices_per_volume: Annotated[int, typer.Option(help="Foreground slices taken from each 3D volume (evenly spaced).")] = 8,
@@ -241,8 +242,9 @@ def train(
                          lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), prompt_tokens=prompt_tokens)
     config = TrainConfig(
         base=base, data=data, out=out, recipe=recipe_spec, val=val, validation_fraction=val_fraction,
-        datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit, slices_per_volume=slices_per_volume,
-        epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes, batch_size=batch_size, grad_accum=grad_accum,
+        min_validation_cases=min_val_cases, datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit,
+        slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
+        batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
         box_jitter=box_jitter, augment=augment, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
         workers=workers, resume=resume, progress=sys.stderr.isatty(),

@@ -463,19 +463,22 @@ def _load_json(path: Path) -> Any:
 
 
 def split_cases(
-    cases: Sequence[Case], validation_fraction: float = 0.2, seed: int = 0
+    cases: Sequence[Case], validation_fraction: float = 0.2, seed: int = 0, min_validation: int = 0
 ) -> tuple[list[Case], list[Case]]:
     """Split into (train, validation), per dataset, by patient where ``patient`` is known.
 
     Cases sharing a ``patient`` key (within a dataset) always land on the same side; a case with
     no key is its own group. Groups are ordered by a hash of (seed, dataset, group key), so the
     split does not depend on the order of ``cases`` and adding one patient does not move the
-    others, then taken into validation while that brings its case count closer to
-    ``round(validation_fraction * n)``. A dataset whose cases all share one key (one subject) thus
-    gets no validation case. Both lists keep the input order.
+    others, then taken into validation while that brings its case count closer to the target:
+    ``validation_fraction * n``, raised to ``min_validation`` cases (but never above half of the
+    dataset) so that small datasets are not judged on one case. A dataset whose cases all share
+    one key (one subject) thus gets no validation case. Both lists keep the input order.
     """
     if not 0.0 <= validation_fraction <= 1.0:
         raise ValueError(f"validation_fraction must lie in [0, 1], got {validation_fraction}")
+    if min_validation < 0:
+        raise ValueError(f"min_validation must be >= 0, got {min_validation}")
     by_dataset: dict[str, dict[str, list[int]]] = {}
     for index, case in enumerate(cases):
         key = f"patient:{case.patient}" if case.patient is not None else f"case:{case.case_id}"
@@ -484,7 +487,7 @@ def split_cases(
     validation: set[int] = set()
     for dataset, groups in by_dataset.items():
         total = sum(len(members) for members in groups.values())
-        target = validation_fraction * total
+        target = max(validation_fraction * total, min(min_validation, total // 2))
         order = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}\0{dataset}\0{key}".encode()).hexdigest())
         taken = 0
         for key in order:

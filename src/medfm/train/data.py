@@ -144,19 +144,28 @@ def click(target_low: np.ndarray, image_size: int, rng: np.random.Generator | No
 
 class EmbeddingCache:
     """Image embeddings of a frozen encoder, one fp16 safetensors file per sample in ``folder``,
-    with the sample's label map; keyed by the model's identity, the image file (path, size, mtime),
-    the slice and the preprocessing, so a folder can serve several runs."""
+    with the sample's label map; keyed by the model's identity, the contents of the image and mask
+    files, the slice and the preprocessing, so a folder can serve several runs, and a data set
+    copied or unpacked again (new paths, new times) still finds its entries."""
 
     def __init__(self, folder: Path, model_id: str, preprocess: PreprocessConfig) -> None:
         self.folder = Path(folder)
         self.model_id = model_id
         self.preprocess = preprocess
+        self._digests: dict[tuple[Path, int, int], str] = {}
+
+    def _digest(self, path: Path) -> str:
+        """SHA-256 of a file's bytes, once per file (size and mtime) in this process."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            with path.open("rb") as handle:
+                self._digests[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return self._digests[key]
 
     def path(self, ref: SampleRef) -> Path:
-        stat = ref.case.image_path.stat()
-        mask = ref.case.mask_path.stat()
-        key = json.dumps([self.model_id, str(ref.case.image_path.resolve()), stat.st_size, stat.st_mtime_ns,
-                          mask.st_size, mask.st_mtime_ns, ref.slice_index, self.preprocess.to_dict()])
+        key = json.dumps([self.model_id, self._digest(ref.case.image_path), self._digest(ref.case.mask_path),
+                          ref.slice_index, self.preprocess.to_dict()])
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def fill(self, refs: Sequence[SampleRef], encode: Callable[[Tensor], Tensor], batch_size: int = 4,
