@@ -87,6 +87,7 @@ def segment(
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice (along Z) of a volume.")] = None,
     box3d: Annotated[Optional[list[str]], typer.Option(help="3D box X0 Y0 Z0 X1 Y1 Z1 (voxels, inclusive); repeat for more labels.", metavar="X0 Y0 Z0 X1 Y1 Z1")] = None,
     boxes_from: Annotated[Optional[Path], typer.Option(help="Label map on the same grid: segment every label's 3D box.")] = None,
+    slice_step: Annotated[int, typer.Option(help="3D: segment every K-th slice (and the box's end slices) with the model and interpolate between: about K times faster, may miss detail that changes within K slices.")] = 1,
     model: Annotated[str, typer.Option(help="Registry name or model folder.")] = "litemedsam",
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file for the named model.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Override the file's modality (e.g. CT).")] = None,
@@ -117,7 +118,8 @@ def segment(
         prompts = [Box3D(*(int(v) for v in _numbers(text, 6, "--box3d"))) for text in box3d or []]
         if boxes_from is not None:
             prompts += prompts_from_labels(_label_map_like(boxes_from, image))
-        volume = segment_volume(network.predictor(precision=precision), image, prompts, intensity=intensity, progress=True)
+        volume = segment_volume(network.predictor(precision=precision), image, prompts, intensity=intensity,
+                                slice_step=slice_step, progress=True)
         medfm.write_mask(volume.label_map, output, like=image)
         console.print(f"wrote {output} ({len(volume.slices)} structure(s), {sum(map(len, volume.slices.values()))} slices "
                       f"segmented, {volume.encoded_slices} encoded) in {volume.seconds:.1f} s", highlight=False)
@@ -178,6 +180,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the prompt simulation.")] = 0,
     tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
+    slice_step: Annotated[int, typer.Option(help="3D cases: segment every K-th slice and interpolate between (faster, may cost Dice).")] = 1,
 ) -> None:
     """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
     from medfm.evaluate.report import comparison_table, write_outputs
@@ -187,7 +190,8 @@ def evaluate(
     models = {m.name: m for m in (load(name) for name in (model or ["litemedsam"]))}
     modes = prompt or ["box"]
     evaluation = run_evaluation(list(models.values()), data, prompt=modes, uncertainty=uncertainty, seed=seed,
-                                datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, progress=True)
+                                datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,
+                                progress=True)
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
     header, body = comparison_table(json.loads(paths["summary"].read_text())["models"])
     table = Table(title=f"{len(evaluation.cases)} cases in {evaluation.seconds:.0f} s")

@@ -26,7 +26,7 @@ from medfm.progress import progress_bar
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.uncertainty import default_shift, error_detection_auc, jitter_box, predict_with_uncertainty
-from medfm.segment.volume import VolumePrompt, segment_volume
+from medfm.segment.volume import VolumePrompt, check_slice_step, segment_volume
 
 METRICS = ("dice", "iou", "nsd", "hd95")
 SAM_U_BOXES = 20
@@ -72,11 +72,14 @@ def evaluate(
     datasets: Sequence[str] | None = None,
     limit_per_dataset: int | None = None,
     tolerance_mm: float = 2.0,
+    slice_step: int = 1,
     progress: bool = False,
 ) -> Evaluation:
     """Evaluate each model on every case under ``data`` (a folder, or cases already chosen, such as a
     validation split) with simulated prompts of each ``prompt`` mode (one image embedding serves all
-    modes and all targets of an image)."""
+    modes and all targets of an image). ``slice_step``: 3D cases segment every k-th slice and
+    interpolate between (see `segment_volume`)."""
+    check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
     modes = [prompt] if isinstance(prompt, str) else list(prompt)
     if isinstance(data, (str, Path)):
         cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
@@ -91,7 +94,7 @@ def evaluate(
             reference = read_image(case.mask_path).array
             for model in loaded:
                 if case.is_volume:
-                    evaluation.rows += _evaluate_volume(model, case, image, reference, modes, tolerance_mm)
+                    evaluation.rows += _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step)
                 else:
                     evaluation.rows += _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tolerance_mm)
             advance()
@@ -154,7 +157,7 @@ def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed
     )
 
 
-def _evaluate_volume(model, case, image, reference, modes, tolerance_mm) -> list[CaseResult]:  # noqa: ANN001
+def _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step) -> list[CaseResult]:  # noqa: ANN001
     """3D boxes from each label's mask; CT structures are segmented in the window they are read in
     (lung, bone or soft tissue, from the label name), one propagation run per window."""
     if not any(mode.startswith("box") for mode in modes):
@@ -168,7 +171,7 @@ def _evaluate_volume(model, case, image, reference, modes, tolerance_mm) -> list
     for window, members in groups.items():
         started = time.perf_counter()
         prompts = [VolumePrompt(Box3D.from_mask(reference == label), label) for label in members]
-        result = segment_volume(model.predictor(), image, prompts, intensity=window)
+        result = segment_volume(model.predictor(), image, prompts, intensity=window, slice_step=slice_step)
         seconds = (time.perf_counter() - started) / len(members)
         rows += [
             _row(model, case, label, "box3d",
