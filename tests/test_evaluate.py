@@ -62,3 +62,35 @@ def test_medfm_evaluate_command(seg_data, tmp_path) -> None:
     assert summary["prompt"] == "points:3" and summary["models"]["litemedsam"]["datasets"]["busi_breast_ultrasound"]["n"] == 2
     bad = run_medfm("evaluate", "--data", str(seg_data), "--dataset", "no_such_dataset", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no_such_dataset" in bad.stderr
+
+
+def test_models_with_one_image_encoder_share_each_encoding(seg_data, tiny_model, monkeypatch) -> None:
+    import copy
+
+    import torch
+
+    from medfm.evaluate.runner import encoder_owners
+    from medfm.segment.predictor import Predictor
+
+    tuned = copy.deepcopy(tiny_model)  # a decoder fine-tune: same encoder, other decoder
+    tuned.name = "tuned"
+    with torch.no_grad():
+        tuned.network.mask_decoder.iou_token.weight.add_(0.5)
+        tuned.network.mask_decoder.upscale_conv1.bias.add_(0.3)
+    other = copy.deepcopy(tiny_model)  # another encoder
+    other.name = "other"
+    with torch.no_grad():
+        next(other.network.image_encoder.parameters()).add_(0.1)
+    assert encoder_owners([tiny_model, tuned, other, copy.deepcopy(tiny_model)]) == [0, 0, 2, 0]
+
+    options = {"datasets": ["busi_breast_ultrasound"], "limit_per_dataset": 2, "prompt": "box"}
+    alone = {m.name: evaluate([m], seg_data, **options).rows for m in (tiny_model, tuned, other)}
+    encodings = []
+    original = Predictor.set_image
+    monkeypatch.setattr(Predictor, "set_image", lambda self, *a, **k: (encodings.append(self.model.name), original(self, *a, **k))[1])
+    together = evaluate([tiny_model, tuned, other], seg_data, **options).rows
+    assert encodings == ["tiny", "other"] * 2  # two cases: one encoding for tiny and tuned, one for other
+    for name, rows in alone.items():
+        mine = [r for r in together if r.model == name]
+        assert [(r.case, r.label, r.dice) for r in mine] == [(r.case, r.label, r.dice) for r in rows]
+    assert any(a.dice != b.dice for a, b in zip(alone["tiny"], alone["tuned"]))  # the decoders differ

@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medfm.evaluate.datasets import Case, discover_cases
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
 from medfm.intensity import window_for_target
 from medfm.io import read_image
+from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel, load
@@ -86,17 +88,21 @@ def evaluate(
     else:
         cases = [c for c in data if datasets is None or c.dataset in datasets]
     loaded = [m if isinstance(m, SegmentationModel) else load(m) for m in models]
+    owners = encoder_owners(loaded)
     evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases})
     started = time.perf_counter()
     with progress_bar(progress, len(cases), "evaluating cases") as advance:
         for case in cases:
             image = read_image(case.image_path, modality=case.modality if case.modality in {"CT", "MR"} else None)
             reference = read_image(case.mask_path).array
-            for model in loaded:
+            encoded: dict[int, _Encoded | None] = {}
+            for index, model in enumerate(loaded):
                 if case.is_volume:
                     evaluation.rows += _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step)
                 else:
-                    evaluation.rows += _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tolerance_mm)
+                    rows, encoded[index] = _evaluate_image(model, case, image, reference, modes, uncertainty, seed,
+                                                           tolerance_mm, encoded.get(owners[index]))
+                    evaluation.rows += rows
             advance()
     evaluation.seconds = time.perf_counter() - started
     return evaluation
@@ -110,14 +116,47 @@ def _row(model: SegmentationModel, case: Case, label: int, prompt: str, metrics:
     )
 
 
-def _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tolerance_mm) -> list[CaseResult]:  # noqa: ANN001
+@dataclass(frozen=True)
+class _Encoded:
+    """One image's embedding, its geometry and what encoding it took, for models that share it."""
+
+    embedding: torch.Tensor
+    geometry: Geometry
+    seconds: float
+
+
+def encoder_owners(models: Sequence[SegmentationModel]) -> list[int]:
+    """For each model, the first model (index) whose image embedding it can use: the same predictor
+    class, preprocessing and image-encoder weights, as fine-tunes that left the encoder alone (a
+    decoder recipe, a blend) have. Each image is then encoded once for all of them; their timings
+    keep the owner's encoding time."""
+    def same(a: SegmentationModel, b: SegmentationModel) -> bool:
+        if type(a.predictor()) is not type(b.predictor()) or a.preprocess != b.preprocess:
+            return False
+        first, second = a.network.image_encoder.state_dict(), b.network.image_encoder.state_dict()
+        return first.keys() == second.keys() and all(
+            first[k].shape == second[k].shape and first[k].device == second[k].device and torch.equal(first[k], second[k])
+            for k in first
+        )
+
+    return [next(j for j in range(i + 1) if j == i or same(models[j], model)) for i, model in enumerate(models)]
+
+
+def _evaluate_image(
+    model, case, image, reference, modes, uncertainty, seed, tolerance_mm, shared,  # noqa: ANN001
+) -> tuple[list[CaseResult], _Encoded | None]:
+    """One model's rows for a 2D case, and the encoding it used (``shared``, when given, is reused)."""
     simulated_by_mode = {mode: simulate_prompts(reference, mode, seed=seed) for mode in modes}
     if not any(simulated_by_mode.values()):
-        return []
+        return [], None
     predictor = model.predictor()
-    started = time.perf_counter()
-    predictor.set_image(image)
-    encode_seconds = time.perf_counter() - started
+    if shared is None:
+        started = time.perf_counter()
+        predictor.set_image(image)
+        shared = _Encoded(predictor.embedding, predictor.geometry, time.perf_counter() - started)
+    else:
+        predictor.use_embedding(shared.embedding, shared.geometry)
+    encode_seconds = shared.seconds
     rows = []
     for mode, prompts in simulated_by_mode.items():
         if uncertainty:
@@ -139,7 +178,7 @@ def _evaluate_image(model, case, image, reference, modes, uncertainty, seed, tol
                  segmentation_metrics(mask, reference == simulated.label, image.spacing, tolerance_mm), seconds, note=simulated.note)
             for simulated, mask in zip(prompts, prediction.masks)
         ]
-    return rows
+    return rows, shared
 
 
 def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed, tolerance_mm, encode_seconds) -> CaseResult:  # noqa: ANN001
