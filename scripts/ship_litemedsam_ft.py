@@ -36,6 +36,18 @@ def verdict(result: dict, recipe: str, tolerance: float) -> str:
     return f"Better on average and not worse by more than {tolerance} Dice on any dataset: medfm's default."
 
 
+def alternatives(result: dict) -> str:
+    """One line per scored model: mean Dice and its largest loss against the base on one dataset."""
+    base = result["table"]["zero-shot"]
+    lines = ["| model | mean Dice | largest loss on one dataset |", "| --- | --- | --- |"]
+    for name, row in result["table"].items():
+        changes = {d: row["dice"][d] - base["dice"][d] for d in result["datasets"]}
+        worst = min(changes, key=changes.get)
+        lines.append(f"| {name} | {row['mean_dice']:.3f} | "
+                     + ("-" if name == "zero-shot" else f"{changes[worst]:+.3f} ({worst})") + " |")
+    return "\n".join(lines)
+
+
 def card(result: dict, recipe: str, metrics: dict, tolerance: float) -> str:
     """MODEL_CARD.md: data, recipe, budget and the per-dataset held-out Dice against the base."""
     base, tuned = result["table"]["zero-shot"], result["table"][recipe]
@@ -81,10 +93,15 @@ questionable are kept out, as in `medfm evaluate`).
 ## Verdict
 {verdict(result, recipe, tolerance)}
 
+## Every variant scored on the same held-out split
+{alternatives(result)}
+
 ## Limits
 Small held-out sets for several datasets (see the targets column), so their means move by a few
 points with a few cases; brain_mri_t1_aseg_slices comes from one subject, so its split is not by
-patient. Not a medical device; research use only.
+patient. A blend's weight was fixed before scoring (0.5, the middle WiSE-FT recommends), but the
+other weights above were scored on the same split, so the choice among them has seen it. Not a
+medical device; research use only.
 """
 
 

@@ -51,3 +51,14 @@ def test_the_fine_tune_segments_the_bundled_lesion() -> None:
 def test_a_bundled_model_takes_no_weights() -> None:
     with pytest.raises(MedfmError, match="shipped with medfm"):
         load(FT, weights="elsewhere.pth")
+
+
+@needs_litemedsam
+def test_the_fine_tune_is_the_default_everywhere() -> None:
+    from medfm.segment.model import BUNDLED, DEFAULT_MODEL
+    from tests.test_cli import run_medfm
+
+    assert DEFAULT_MODEL == "medfm-litemedsam-ft" and DEFAULT_MODEL in BUNDLED
+    assert medfm.load().name == DEFAULT_MODEL
+    help_text = run_medfm("segment", "--help").stdout
+    assert f"(default: {DEFAULT_MODEL})" in " ".join(help_text.replace("│", " ").split())

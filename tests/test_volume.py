@@ -14,6 +14,7 @@ import pytest
 import medfm
 import medfm.evaluate.runner
 import medfm.segment.model
+import medfm.segment.run  # imported before a test patches medfm.segment.model.load, so it keeps the real one
 import medfm.segment.volume
 from medfm.cli import main
 from medfm.errors import OptionError, PromptError

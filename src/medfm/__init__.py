@@ -35,8 +35,9 @@ __all__ = [
 ]
 
 
-def load(name_or_path: str = "litemedsam", **options):  # noqa: ANN201 - SegmentationModel, imported lazily
-    """Load a segmentation model: a registry name, a medfm model folder, or a name plus ``weights=``.
+def load(name_or_path: str | None = None, **options):  # noqa: ANN201 - SegmentationModel, imported lazily
+    """Load a segmentation model: a registry name, a medfm model folder, or a name plus ``weights=``;
+    without one, medfm's default (``medfm-litemedsam-ft``, `medfm.segment.model.DEFAULT_MODEL`).
 
     See `medfm.segment.model.load`; imported on first use so that ``import medfm`` stays light.
     """

@@ -88,7 +88,7 @@ def segment(
     box3d: Annotated[Optional[list[str]], typer.Option(help="3D box X0 Y0 Z0 X1 Y1 Z1 (voxels, inclusive); repeat for more labels.", metavar="X0 Y0 Z0 X1 Y1 Z1")] = None,
     boxes_from: Annotated[Optional[Path], typer.Option(help="Label map on the same grid: segment every label's 3D box.")] = None,
     slice_step: Annotated[int, typer.Option(help="3D: segment every K-th slice (and the box's end slices) with the model and interpolate between: about K times faster, may miss detail that changes within K slices.")] = 1,
-    model: Annotated[str, typer.Option(help="Registry name or model folder.")] = "litemedsam",
+    model: Annotated[Optional[str], typer.Option(help="Registry name or model folder (default: medfm-litemedsam-ft).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file for the named model.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Override the file's modality (e.g. CT).")] = None,
     window: Annotated[Optional[str], typer.Option(help="Intensity preset: soft_tissue, lung, bone, brain, mr, minmax.")] = None,
@@ -185,9 +185,9 @@ def evaluate(
     """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
     from medfm.evaluate.report import comparison_table, write_outputs
     from medfm.evaluate.runner import evaluate as run_evaluation
-    from medfm.segment.model import load
+    from medfm.segment.model import DEFAULT_MODEL, load
 
-    models = {m.name: m for m in (load(name) for name in (model or ["litemedsam"]))}
+    models = {m.name: m for m in (load(name) for name in (model or [DEFAULT_MODEL]))}
     modes = prompt or ["box"]
     evaluation = run_evaluation(list(models.values()), data, prompt=modes, uncertainty=uncertainty, seed=seed,
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,

@@ -59,7 +59,7 @@ def segment(
     boundary pixels may differ from fp32).
     """
     image = image if isinstance(image, MedicalImage) else read_image(image)
-    model = model if isinstance(model, SegmentationModel) else load(model or "litemedsam")
+    model = model if isinstance(model, SegmentationModel) else load(model)
     if not boxes and points is None:
         raise PromptError("give at least one box or point")
     if len(boxes) > 1 and points is not None:
