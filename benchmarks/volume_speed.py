@@ -31,6 +31,7 @@ import medfm
 from medfm.io import MedicalImage
 from medfm.prompts import Box3D
 from medfm.segment.fast import bf16_supported
+from medfm.segment.model import DEFAULT_MODEL
 from medfm.segment.volume import segment_volume
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--slice-steps", type=int, nargs="+", default=[1, 4], help="segment every K-th slice, interpolate between")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                         help="default: fp32, and bf16 where the CPU has native bfloat16")
-    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

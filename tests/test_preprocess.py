@@ -82,3 +82,43 @@ def test_config_round_trips_through_json() -> None:
     assert PreprocessConfig.from_dict(SAM_PREPROCESS.to_dict()) == SAM_PREPROCESS
     with pytest.raises(ValueError, match="unknown preprocessing option"):
         PreprocessConfig(resize="crop")
+
+
+@pytest.mark.parametrize("modality,preset_name", [("CT", None), ("MR", None), ("CT", "lung"), (None, None)])
+def test_slice_by_slice_conversion_equals_the_whole_volume(modality, preset_name) -> None:
+    from medfm.intensity import preset
+    from medfm.preprocess import SliceValues, uint8_rgb_converter
+
+    rng = np.random.default_rng(0)
+    volume = (rng.normal(0, 400, (6, 20, 24)) if modality == "CT" else rng.gamma(2.0, 150.0, (6, 20, 24))).astype(np.float32)
+    volume[:, :3] = 0  # MR background, left out of the percentiles
+    chosen = preset(preset_name) if preset_name else None
+    whole = to_uint8_rgb(volume, chosen, modality)
+    lazy = SliceValues(volume, uint8_rgb_converter(volume, chosen, modality))
+    assert len(lazy) == 6
+    for z in range(-6, 6):
+        np.testing.assert_array_equal(lazy[z], whole[z])
+    # statistics come from the whole volume, not the slice: one slice alone converts differently
+    if modality == "MR":
+        assert not np.array_equal(to_uint8_rgb(volume[2], chosen, modality), whole[2])
+
+
+def test_a_volume_is_converted_only_where_slices_are_encoded(monkeypatch) -> None:
+    import medfm.preprocess
+    from tests.test_predictor import TINY_TINYVIT
+
+    from medfm.io import MedicalImage
+    from medfm.preprocess import LITEMEDSAM_PREPROCESS
+    from medfm.segment.model import SegmentationModel
+    from medfm.segment.sam import build_sam
+
+    converted = []
+    original = medfm.preprocess.SliceValues.__getitem__
+    monkeypatch.setattr(medfm.preprocess.SliceValues, "__getitem__", lambda self, i: converted.append(i) or original(self, i))
+    network = build_sam("litemedsam", encoder=TINY_TINYVIT, decoder_mlp_dim=64).eval()
+    predictor = SegmentationModel(network, LITEMEDSAM_PREPROCESS, "tiny", "litemedsam").predictor()
+    volume = MedicalImage(array=np.zeros((40, 32, 32), np.int16), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                          direction=np.eye(3), modality="CT", metadata={"kind": "volume"})
+    predictor.set_image(volume, slice_index=7)
+    list(predictor.encode_slices(volume, [8, 9]))
+    assert converted == [7, 8, 9]

@@ -3,11 +3,12 @@
 Every model's preprocessing calls `normalize` with the preset named in its checkpoint config, so
 one tested place decides how Hounsfield units or MR signal become model input. Statistics are
 computed over whatever array is passed: pass the whole volume (not one slice) to normalise a
-volume consistently.
+volume consistently; `scaler` takes them once from a volume and applies them to any slice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -115,18 +116,30 @@ def percentile_clip(values: np.ndarray, lower: float = 0.5, upper: float = 99.5,
     that fills most of a skull-stripped or cropped MR volume does not set the range.
     """
     values = np.asarray(values, dtype=np.float32)
+    return min_max(values, *_percentiles(values, lower, upper, foreground_only))
+
+
+def _percentiles(values: np.ndarray, lower: float, upper: float, foreground_only: bool = True) -> tuple[float, float]:
     sample = values[values != 0] if foreground_only and np.any(values != 0) else values
     low, high = np.percentile(sample, [lower, upper])
-    return min_max(values, float(low), float(high))
+    return float(low), float(high)
+
+
+def scaler(values: np.ndarray, spec: IntensityPreset | str) -> Callable[[np.ndarray], np.ndarray]:
+    """A preset fitted to ``values``: the function that maps them, or any part of them (a slice),
+    to float32 [0, 1] exactly as `normalize` maps the whole. Percentiles and min/max are taken here,
+    once; what it then does to each voxel depends on that voxel alone."""
+    spec = preset(spec) if isinstance(spec, str) else spec
+    if spec.kind == "window":
+        return lambda part: apply_window(part, spec.level, spec.width)
+    if spec.kind in ("percentile", "minmax"):
+        values = np.asarray(values, dtype=np.float32)
+        low, high = (_percentiles(values, spec.lower, spec.upper) if spec.kind == "percentile"
+                     else (float(values.min()), float(values.max())))
+        return lambda part: min_max(part, low, high)
+    return lambda part: np.asarray(part, dtype=np.float32)
 
 
 def normalize(values: np.ndarray, spec: IntensityPreset | str) -> np.ndarray:
     """Apply a preset (or its name) and return float32 values in [0, 1]."""
-    spec = preset(spec) if isinstance(spec, str) else spec
-    if spec.kind == "window":
-        return apply_window(values, spec.level, spec.width)
-    if spec.kind == "percentile":
-        return percentile_clip(values, spec.lower, spec.upper)
-    if spec.kind == "minmax":
-        return min_max(values)
-    return np.asarray(values, dtype=np.float32)
+    return scaler(values, spec)(values)

@@ -13,13 +13,14 @@ checkpoint (`PreprocessConfig` lives in its config) and the predictor applies it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfm.intensity import IntensityPreset, default_preset, normalize
+from medfm.intensity import IntensityPreset, default_preset, scaler
 
 RESIZE_MODES = {"longest-side", "stretch"}
 INTERPOLATIONS = {"area", "pil-bilinear", "skimage-cubic-aa"}
@@ -119,11 +120,39 @@ def to_uint8_rgb(array: np.ndarray, preset: IntensityPreset | None = None, modal
     volume to normalise all slices alike.
     """
     array = np.asarray(array)
+    return uint8_rgb_converter(array, preset, modality)(array)
+
+
+def uint8_rgb_converter(
+    array: np.ndarray, preset: IntensityPreset | None = None, modality: str | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`to_uint8_rgb` fitted to ``array`` (a volume: its percentiles or min/max), to apply to any
+    part of it, e.g. one slice at a time."""
+    array = np.asarray(array)
     is_rgb = array.ndim >= 3 and array.shape[-1] == 3
-    if array.dtype != np.uint8 or preset is not None:
-        scaled = normalize(array, preset or default_preset(modality))
-        array = np.round(scaled * 255.0).astype(np.uint8)
-    return array if is_rgb else np.repeat(array[..., None], 3, axis=-1)
+    scale = scaler(array, preset or default_preset(modality)) if array.dtype != np.uint8 or preset is not None else None
+
+    def convert(part: np.ndarray) -> np.ndarray:
+        part = np.asarray(part)
+        if scale is not None:
+            part = np.round(scale(part) * 255.0).astype(np.uint8)
+        return part if is_rgb else np.repeat(part[..., None], 3, axis=-1)
+
+    return convert
+
+
+class SliceValues:
+    """A volume's slices as model input values, converted when a slice is asked for, not before: a
+    500-slice CT is not turned into 400 MB of RGB to encode the 30 slices a structure spans."""
+
+    def __init__(self, volume: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.volume, self.convert = volume, convert
+
+    def __len__(self) -> int:
+        return len(self.volume)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.convert(self.volume[index])
 
 
 @dataclass(frozen=True)

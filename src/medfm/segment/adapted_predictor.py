@@ -22,20 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from medfm.errors import PromptError
-from medfm.intensity import IntensityPreset, default_preset, normalize
+from medfm.intensity import IntensityPreset, default_preset, scaler
 from medfm.io import MedicalImage
-from medfm.preprocess import Geometry, prepare, to_uint8_rgb
+from medfm.preprocess import Geometry, SliceValues, prepare
 from medfm.segment.adapted import SYNAPSE_CLASSES, decode_all_masks
-from medfm.segment.predictor import Predictor
+from medfm.segment.predictor import Predictor, per_slice
 
 if TYPE_CHECKING:
     from medfm.segment.model import SegmentationModel
 
 class SamMed2DPredictor(Predictor):
     """SAM-Med2D's preprocessing: BGR order, INTER_NEAREST stretch to 256, SAM's mean/std."""
-
-    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        return to_uint8_rgb(image.array, intensity, image.modality)
 
     def _prepare_slice(self, rgb: np.ndarray) -> tuple[torch.Tensor, Geometry]:
         import cv2
@@ -86,14 +83,14 @@ class SemanticPredictor(Predictor):
         names = self.settings.class_names
         return names if len(names) == count else ("background", *(f"class {i}" for i in range(1, count)))
 
-    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray | SliceValues:
         array = np.asarray(image.array)
         if intensity is None and array.dtype == np.uint8:
-            return array.astype(np.float32) / 255.0
+            return per_slice(image, lambda part: part.astype(np.float32) / 255.0)
         if intensity is None:
             modality = (image.modality or "").upper()
             intensity = self.settings.ct_window if modality == "CT" else default_preset(image.modality)
-        return normalize(array, intensity)
+        return per_slice(image, scaler(array, intensity))
 
     def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
         from scipy.ndimage import zoom

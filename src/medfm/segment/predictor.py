@@ -7,7 +7,7 @@ the input, and returns masks on exactly the input grid.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -18,7 +18,7 @@ import torch
 from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset
 from medfm.io import MedicalImage, read_image
-from medfm.preprocess import Geometry, prepare, to_uint8_rgb
+from medfm.preprocess import Geometry, SliceValues, prepare, uint8_rgb_converter
 from medfm.prompts import Box, Points
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Predictor:
         self.engine = InferenceEngine(model.network, precision) if optimize else None
         self.embedding: torch.Tensor | None = None
         self.geometry: Geometry | None = None
-        self._values_cache: tuple[np.ndarray, IntensityPreset | None, np.ndarray] | None = None
+        self._values_cache: tuple[np.ndarray, IntensityPreset | None, np.ndarray | SliceValues] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -124,9 +124,10 @@ class Predictor:
     # The two steps of the input pipeline; predictors of checkpoints that were trained on other
     # pipelines (SAM-Med2D, SAMed) override them.
 
-    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray:
-        """The whole image (a volume: all slices alike) as the values ``_prepare_slice`` takes."""
-        return to_uint8_rgb(image.array, intensity, image.modality)
+    def _values(self, image: MedicalImage, intensity: IntensityPreset | None) -> np.ndarray | SliceValues:
+        """The whole image as the values ``_prepare_slice`` takes; a volume's slices all alike
+        (statistics over the whole volume), each converted when it is encoded."""
+        return per_slice(image, uint8_rgb_converter(image.array, intensity, image.modality))
 
     def _prepare_slice(self, values: np.ndarray) -> tuple[torch.Tensor, Geometry]:
         """One slice's values -> the network's input (1, 3, S, S) and the geometry back."""
@@ -268,6 +269,11 @@ def as_image(image: MedicalImage | str | PathLike[str] | np.ndarray) -> MedicalI
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
         raise PromptError(f"a numpy image must be (H, W) or (H, W, 3), got {image.shape}")
     return MedicalImage(array=image, metadata={"kind": "image", "format": "array"}, **image_geometry_2d())
+
+
+def per_slice(image: MedicalImage, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | SliceValues:
+    """A 2D image converted now; a volume's slices converted one by one when asked for."""
+    return SliceValues(image.array, convert) if image.is_volume else convert(image.array)
 
 
 def _pick_slice(image: MedicalImage, values: np.ndarray, slice_index: int | None) -> np.ndarray:
