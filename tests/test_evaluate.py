@@ -59,7 +59,9 @@ def test_medfm_evaluate_command(seg_data, tmp_path) -> None:
                        "--prompt", "points:3", "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["prompt"] == "points:3" and summary["models"]["litemedsam"]["datasets"]["busi_breast_ultrasound"]["n"] == 2
+    from medfm.segment.model import DEFAULT_MODEL
+
+    assert summary["prompt"] == "points:3" and summary["models"][DEFAULT_MODEL]["datasets"]["busi_breast_ultrasound"]["n"] == 2
     bad = run_medfm("evaluate", "--data", str(seg_data), "--dataset", "no_such_dataset", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no_such_dataset" in bad.stderr
 
