@@ -169,6 +169,14 @@ def test_blend_with_base_moves_the_trained_tensors_back_linearly(setup, tmp_path
                                predictions(medfm.load(result.last)), atol=1e-5)
     with pytest.raises(OptionError, match="alpha"):
         blend_with_base(result.last, 1.5, tmp_path / "bad")
+    from tests.test_cli import run_medfm
+
+    command = run_medfm("blend", str(result.last), "-o", str(tmp_path / "cli"), "--alpha", "0.5")
+    assert command.returncode == 0, command.stderr
+    from_cli = load_file(str(tmp_path / "cli" / "model.safetensors"))
+    assert all(torch.equal(from_cli[key], blended[key]) for key in blended)
+    refused = run_medfm("blend", str(result.last), "-o", str(tmp_path / "bad"), "--alpha", "2")
+    assert refused.returncode == 2 and "alpha" in refused.stderr and not (tmp_path / "bad").exists()
     lora = Trainer(config(setup, tmp_path / "lora", "lora", max_steps=1), lambda text: None).fit()
     with pytest.raises(OptionError, match="lora run cannot be blended"):
         blend_with_base(lora.last, 0.5, tmp_path / "bad")

@@ -258,6 +258,20 @@ def train(
 
 
 @app.command()
+def blend(
+    run: Annotated[Path, typer.Argument(help="A model folder written by medfm train (full or decoder recipe), e.g. RUN/best.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="The blended model folder.")],
+    alpha: Annotated[float, typer.Option(help="Weight of the trained tensors: 1 is the run, 0 its base.")] = 0.5,
+) -> None:
+    """WiSE-FT: move a fine-tune back towards its base in weight space (keeps most of the gain,
+    gives back what the base did well)."""
+    from medfm.train.recipes import blend_with_base
+
+    folder = blend_with_base(run, alpha, out)
+    console.print(f"wrote {folder} (base + {alpha:g} x (trained - base))", highlight=False)
+
+
+@app.command()
 def classify(
     image: Annotated[Path, typer.Argument(help="A 2D image: PNG/JPEG, DICOM, a 2D NIfTI.")],
     labels: Annotated[list[str], typer.Option("--labels", help="Class names after the image: --labels pneumonia normal ...")],
