@@ -177,6 +177,16 @@ def test_blend_with_base_moves_the_trained_tensors_back_linearly(setup, tmp_path
     assert all(torch.equal(from_cli[key], blended[key]) for key in blended)
     refused = run_medfm("blend", str(result.last), "-o", str(tmp_path / "bad"), "--alpha", "2")
     assert refused.returncode == 2 and "alpha" in refused.stderr and not (tmp_path / "bad").exists()
+    import shutil
+
+    from medfm.errors import CheckpointError
+
+    broken = shutil.copytree(result.last, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a model folder written by medfm train"):
+        blend_with_base(broken, 0.5, tmp_path / "bad")
+    with pytest.raises(CheckpointError):
+        blend_with_base(tmp_path / "nowhere", 0.5, tmp_path / "bad")
     lora = Trainer(config(setup, tmp_path / "lora", "lora", max_steps=1), lambda text: None).fit()
     with pytest.raises(OptionError, match="lora run cannot be blended"):
         blend_with_base(lora.last, 0.5, tmp_path / "bad")

@@ -248,6 +248,7 @@ def blend_with_base(run: str | PathLike[str], alpha: float, out: str | PathLike[
     Only for ``full`` and ``decoder`` runs, whose trained tensors start as the base's own (LoRA,
     adapters and prompt generators start from random factors, where a blend means nothing).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from medfm.io.writers import write_model_folder
@@ -260,7 +261,7 @@ def blend_with_base(run: str | PathLike[str], alpha: float, out: str | PathLike[
         config = json.loads((run / "config.json").read_text())
         recipe = Recipe.from_dict(config["recipe"])
         trained = load_file(str(run / "model.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(run, f"is not a model folder written by medfm train ({error})") from error
     if recipe.name not in BLENDABLE:
         raise OptionError(f"{run}: a {recipe.name} run cannot be blended with its base; only {sorted(BLENDABLE)} runs")
