@@ -55,6 +55,9 @@ def card(result: dict, recipe: str, metrics: dict, tolerance: float) -> str:
             f"{tuned['dice'][d] - base['dice'][d]:+.3f} |" for d in result["datasets"]]
     epochs = metrics["history"]
     run, _, alpha = recipe.partition("@")
+    selection = (f" The blend weight {alpha} was fixed before scoring (the middle WiSE-FT recommends), but the other"
+                 " variants below the verdict were scored on the same split, so the choice among them has seen it."
+                 ) if alpha else ""
     blend = (f"\n\nThe trained decoder was then blended with LiteMedSAM's in weight space (WiSE-FT, Wortsman et al.,"
              f" CVPR 2022): base + {alpha} x (trained - base) for every decoder tensor, which keeps most of the gain"
              " and gives back what the base did well (`medfm.train.recipes.blend_with_base`).") if alpha else ""
@@ -79,7 +82,7 @@ Decoder-only fine-tune over cached fp16 image embeddings (encoder frozen): one r
 sample, its box jittered by up to 5 px outwards / 2 px inwards (model frame), Dice + BCE + IoU-head
 MSE, AdamW (lr {metrics.get('lr', 'see run.json')}), linear warm-up and cosine decay, batch 4,
 {len(epochs)} epoch(s), {epochs[-1]['step'] if epochs else 0} steps, {tuned['training_minutes']:.0f} min on a
-shared 2-core CPU (peak RSS {tuned['peak_memory_mb']:.0f} MB).{blend}
+2-core CPU (peak RSS {tuned['peak_memory_mb']:.0f} MB).{blend}
 
 ## Held-out Dice (box prompt from the ground truth, input resolution)
 Scored by `medfm.evaluate` (tight box per target; thin or scattered targets whose box is
@@ -99,9 +102,7 @@ questionable are kept out, as in `medfm evaluate`).
 ## Limits
 Small held-out sets for several datasets (see the targets column), so their means move by a few
 points with a few cases; brain_mri_t1_aseg_slices comes from one subject, so its split is not by
-patient. A blend's weight was fixed before scoring (0.5, the middle WiSE-FT recommends), but the
-other weights above were scored on the same split, so the choice among them has seen it. Not a
-medical device; research use only.
+patient.{selection} Not a medical device; research use only.
 """
 
 

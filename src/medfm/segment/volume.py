@@ -123,7 +123,8 @@ def segment_volume(
     propagation stops there. 1 (the default) segments every slice.
 
     ``batch_size`` slices are encoded per encoder call; the default 1 is fastest on CPUs, where
-    batching made each image slower (measured: 0.56 s per slice at batch 1, 0.89 s at batch 4).
+    batching made each image slower (benchmarks/volume_speed.py --batch-size, fp32, step 4: 0.66 s
+    per encoded slice at batch 1, 0.84 s at batch 4).
     """
     check_slice_step(slice_step)
     if not image.is_volume:

@@ -266,8 +266,9 @@ class Trainer:
 
     def _fill_cache(self, cache: EmbeddingCache, refs: list) -> None:
         """Encode the samples the cache lacks with the frozen encoder's inference path (`InferenceEngine`:
-        the same embeddings to float32 rounding, ~2x faster on the CPU), one image at a time on the
-        CPU, where batching makes the encoder slower per image."""
+        the same embeddings to float32 rounding; 656 vs 928 ms an image in benchmarks/litemedsam_speed.py),
+        one image at a time on the CPU, where batching makes the encoder slower per image (see
+        `segment_volume`'s ``batch_size``)."""
         from medfm.segment.fast import InferenceEngine
 
         mine = refs[self.run.rank :: self.run.world]
