@@ -95,11 +95,13 @@ def test_building_fast_paths_leaves_the_network_untouched(tiny) -> None:
 
 def assert_as_exact_as_plain(fast: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, msg: str) -> None:
     """float32 re-association moves results: the fast path may err from the float64 result at most
-    a few times as much as the plain float32 modules do."""
+    a few times as much as the plain float32 modules do, plus 1e-5 of the largest magnitude (about
+    80 float32 roundings: the plain error alone is a noisy yardstick, and CPUs with other vector
+    widths sum in other orders; a wrong formula errs by orders of magnitude more)."""
     assert fast.shape == plain.shape == exact.shape and fast.dtype == plain.dtype == torch.float32
     fast_error = float((fast.double() - exact).abs().max())
     plain_error = float((plain.double() - exact).abs().max())
-    assert fast_error <= 3 * plain_error + 1e-6 * float(exact.abs().max()), f"{msg}: {fast_error:.3g} vs plain {plain_error:.3g}"
+    assert fast_error <= 3 * plain_error + 1e-5 * float(exact.abs().max()), f"{msg}: {fast_error:.3g} vs plain {plain_error:.3g}"
 
 
 @pytest.mark.parametrize("arch", ["litemedsam", "sam_vit_b"])
