@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 # The main job: segment the bundled breast-ultrasound lesion from its box with the default model
-# (LiteMedSAM, offline), write the mask and an overlay, and print the Dice and the time taken.
+# (medfm-litemedsam-ft: LiteMedSAM with medfm's decoder, offline), write the mask and an overlay, and print the Dice and the time taken.
 demo: $(STAMP)
 	$(BIN)/medfm info examples/busi_benign_001.png
 	$(BIN)/medfm segment examples/busi_benign_001.png --box 215 107 265 132 -o out/busi_benign_001_mask.png \

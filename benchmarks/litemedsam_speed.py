@@ -364,13 +364,19 @@ def print_table(rows: list[dict], reference: dict | None, meta: dict) -> None:
 
 
 def cpu_name() -> str:
+    """The CPU, its core count and the widest vector instructions torch uses on it (AVX2, AVX512):
+    the same model name comes with either on rented machines, and the speed-ups differ."""
+    import torch
+
+    name = f"{platform.processor() or platform.machine()}"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{name} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def main(argv: list[str] | None = None) -> int:
