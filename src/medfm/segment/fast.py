@@ -326,7 +326,6 @@ class ImageCache:
     first_keys: Tensor  # (1, heads, head_dim, S): layer 0 token->image keys, scaled, transposed
     first_values: Tensor  # (1, heads, S, head_dim): layer 0 token->image values
     first_queries: Tensor  # (1, heads, head_dim, S): layer 0 image->token queries, transposed
-    upscale_base: Tensor  # (1, S, 4 * C1): tokens diag(product of the image LayerNorm weights) U^T, see `_LowRankImage`
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
@@ -398,46 +397,6 @@ def _decoder_types() -> tuple[type, ...]:
         sam.SamFeedForward, sam.SamLayerNorm, sam.SamPromptEncoder, sam.SamPositionalEmbedding, sam.SamMaskEmbedding,
         GELUActivation, nn.GELU, nn.ReLU, nn.Linear, nn.LayerNorm, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.ModuleList,
     )
-
-
-class _LowRankImage:
-    """The image tokens after the decoder's layers as ``diag(s) X diag(gamma) + L^T R + ...``.
-
-    ``X`` are the prompt-independent tokens of `ImageCache`. Each layer adds a low-rank update to
-    them (its image-to-token attention, ``weights^T values``: rank heads x tokens, e.g. 56 of 256
-    channels for a box) and then a LayerNorm, which scales each row (1 / std), subtracts a per-row
-    mean and applies the per-channel weight and bias. Tracked this way, the mask head's first
-    product with the image tokens (``U``, 256 x 256) splits into ``diag(s) X (U diag(gamma))^T``,
-    the same for every prompt and cached per image, plus a product of rank ~120 instead of 256.
-    Terms are kept as (left (N, r, S), row scale (N, 1, S) or None, right (1 or N, r, C)).
-    """
-
-    def __init__(self) -> None:
-        self.scale: Tensor | None = None
-        self.terms: list[list] = []
-
-    def add(self, left: Tensor, right: Tensor) -> None:
-        """image += left^T right, for left (N, r, S) and right (N, r, C)."""
-        self.terms.append([left, None, right])
-
-    def layer_norm(self, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> None:
-        """image = (image - mean) * rstd * weight + bias, with ``native_layer_norm``'s (N, S, 1) statistics."""
-        mean, rstd = mean.transpose(1, 2).float(), rstd.transpose(1, 2).float()
-        weight, bias = weight.float(), bias.float()
-        for term in self.terms:
-            term[1] = rstd if term[1] is None else term[1] * rstd
-            term[2] = term[2] * weight
-        self.scale = rstd if self.scale is None else self.scale * rstd
-        self.terms.append([torch.cat([-mean * rstd, torch.ones_like(mean)], dim=1), None, torch.stack([weight, bias])[None]])
-
-    def project(self, base: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """``image @ weight.T + bias`` (N, S, out), given ``base = X diag(gamma) weight.T`` (1, S, out)."""
-        n = self.scale.shape[0]
-        dtype = base.dtype
-        lefts = torch.cat([(left if rows is None else left * rows).to(dtype) for left, rows, _ in self.terms], dim=1)
-        rights = torch.cat([right.expand(n, -1, -1) for _, _, right in self.terms], dim=1) @ weight.float().t()
-        start = torch.addcmul(bias.to(dtype), self.scale.transpose(1, 2).to(dtype), base)
-        return torch.baddbmm(start, lefts.transpose(1, 2), rights.to(dtype))
 
 
 def fast_decoder_supported(core: nn.Module) -> bool:
@@ -517,7 +476,6 @@ class FastDecoder:
         layer = self.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         heads, dt = t2i.num_attention_heads, self.dtype
-        gamma = torch.stack([w.float() for w, _, _ in (norm for _, _, norm in self.layers)]).prod(dim=0)
         return ImageCache(
             embedding=embedding,
             tokens=tokens.to(dt),
@@ -525,7 +483,6 @@ class FastDecoder:
             first_keys=(_heads(t2i.k_proj(tokens_pe), heads) * t2i.scaling).transpose(-2, -1).to(dt).contiguous(),
             first_values=_heads(t2i.v_proj(tokens), heads).to(dt).contiguous(),
             first_queries=_heads(i2t.q_proj(tokens_pe), heads).transpose(-2, -1).to(dt).contiguous(),
-            upscale_base=(tokens @ (self.up1[0].float() * gamma).t()).to(dt),
         )
 
     # -- per prompt batch
@@ -596,8 +553,6 @@ class FastDecoder:
             threads.few()
 
         queries = prompt
-        # the image tokens as the cached ones plus low-rank terms, while every layer's update is low-rank
-        low_rank = _LowRankImage() if first is not None else None
         for index, (layer, (t2i, i2t, norm4)) in enumerate(zip(self.transformer.layers, self.layers)):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(queries[:, None], queries[:, None], queries[:, None])[0][:, 0]
@@ -608,14 +563,9 @@ class FastDecoder:
             cached = first if index == 0 else None
             queries = layer.layer_norm2(queries + self._token_to_image(t2i, queries + prompt, image, image_pe, cached, threads))
             queries = layer.layer_norm3(queries + self.mlps[index](queries))
-            image, update = self._image_to_token(i2t, image, image_pe, queries + prompt, queries, cached, threads)
+            image = self._image_to_token(i2t, image, image_pe, queries + prompt, queries, cached, threads)
             threads.all()
-            image, mean, rstd = torch.native_layer_norm(image, (image.shape[-1],), *norm4)
-            if low_rank is not None and update is not None:
-                low_rank.add(*update)
-                low_rank.layer_norm(mean, rstd, *norm4[:2])
-            else:
-                low_rank = None
+            image = F.layer_norm(image, (image.shape[-1],), *norm4)
             image_pe = image + pe
             threads.few()
 
@@ -628,9 +578,7 @@ class FastDecoder:
         hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + j]) for j, i in enumerate(mask_ids)], dim=2)
         iou = decoder.iou_prediction_head(queries[:, 0])[:, mask_ids]
         threads.all()
-        if low_rank is not None:
-            return self._upscale(low_rank.project(cache.upscale_base, *self.up1), hyper), iou
-        return self._upscale(_linear(image.flatten(0, 1), *self.up1).view(*image.shape[:2], -1), hyper), iou
+        return self._upscale(image, hyper), iou
 
     def _token_to_image(
         self, a: _Attention, query: Tensor, image: Tensor, image_pe: Tensor, cached: ImageCache | None, threads: _Threads
@@ -676,9 +624,8 @@ class FastDecoder:
     def _image_to_token(
         self, a: _Attention, image: Tensor, image_pe: Tensor, key: Tensor, value: Tensor, cached: ImageCache | None,
         threads: _Threads,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """``image + SamAttention(query=image + pe, key=tokens + pe, value=tokens)`` -> (N, S, C),
-        and the update as factors ``(left (N, r, S), right (N, r, C))`` where it is low-rank.
+    ) -> Tensor:
+        """``image + SamAttention(query=image + pe, key=tokens + pe, value=tokens)`` -> (N, S, C).
 
         Softmax runs over the few tokens on weights laid out (N, heads, T, S), S innermost, where it
         vectorises; the residual add comes with the output product.
@@ -692,7 +639,7 @@ class FastDecoder:
         if reassociate:
             # out_proj folded into the token values: sum_h weights_h^T (v_h Wo_h^T + bo / h) + bo,
             # since each head's weights sum to 1 over the tokens
-            m = (torch.einsum("nhtd,chd->nhtc", v, a.wo) + a.bo / heads).reshape(n, heads * t, c)
+            m = (torch.einsum("nhtd,chd->nhtc", v, a.wo) + a.bo / heads).reshape(n, heads * t, c).to(dt)
         if cached is not None:
             k = k.to(dt)
             threads.all()
@@ -713,23 +660,21 @@ class FastDecoder:
             scores = k @ q.transpose(-2, -1)
         weights = torch.softmax(scores, dim=2)  # over the tokens
         if reassociate:
-            left = weights.to(dt).reshape(n, heads * t, s)
-            return torch.baddbmm(image, left.transpose(1, 2), m.to(dt)), (left, m)
+            return torch.baddbmm(image, weights.to(dt).reshape(n, heads * t, s).transpose(1, 2), m)
         out = (weights.transpose(-2, -1).float() @ v).transpose(1, 2).reshape(n * s, -1)  # (N*S, h*d)
         residual = (image.float() + a.bo).expand(n, -1, -1).reshape(n * s, -1)
-        return torch.addmm(residual, out, a.module.out_proj.weight.t()).view(n, s, -1).to(dt), None
+        return torch.addmm(residual, out, a.module.out_proj.weight.t()).view(n, s, -1).to(dt)
 
-    def _upscale(self, up: Tensor, hyper: Tensor) -> Tensor:
-        """Mask logits (N, M, 4E, 4E) float32 from the first upscaling product of the image tokens
-        (N, S, 4 * C1) and hypernetwork outputs (N, 32, M).
+    def _upscale(self, image: Tensor, hyper: Tensor) -> Tensor:
+        """Mask logits (N, M, 4E, 4E) float32 from image tokens (N, S, C) and hypernetwork outputs (N, 32, M).
 
         The two stride-2 transposed convolutions with 2x2 kernels and the LayerNorm between them act
         on each embedding cell alone, so they run as products on the cells; only the M masks are
         put back in image order.
         """
-        n, s, _ = up.shape
+        n, s, c = image.shape
         c1 = self.up_norm[0].shape[0]
-        up = up.reshape(n * s * 4, c1)  # rows (cell, a, b)
+        up = _linear(image.reshape(n * s, c), *self.up1).view(n * s * 4, c1)  # rows (cell, a, b)
         up = F.gelu(F.layer_norm(up, (c1,), *self.up_norm))
         up = _linear(up, *self.up2, gelu=True).view(n, s * 16, -1)  # rows (cell, a, b, c, d)
         masks = (up @ hyper.to(up.dtype)).float()  # (N, S*16, M)
