@@ -33,6 +33,7 @@ from medfm.clip.preprocess import (
     ImagePreprocess,
 )
 from medfm.errors import CheckpointError
+from medfm.hub import hub_snapshot
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -42,9 +43,7 @@ HEAD_WIDTH = 64
 
 
 def hub_folder(repo_id: str, patterns: tuple[str, ...] = (OPEN_CLIP_CONFIG, *OPEN_CLIP_WEIGHTS, "*.json", "*.txt")) -> Path:
-    """A Hugging Face hub folder, by default an open_clip one (see `medfm.segment.model.hub_snapshot`)."""
-    from medfm.segment.model import hub_snapshot
-
+    """A Hugging Face hub folder, by default an open_clip one (see `medfm.hub.hub_snapshot`)."""
     return hub_snapshot(repo_id, patterns)
 
 

