@@ -193,8 +193,9 @@ def evaluate(
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,
                                 progress=True)
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
-    header, body = comparison_table(json.loads(paths["summary"].read_text())["models"])
-    table = Table(title=f"{len(evaluation.cases)} cases in {evaluation.seconds:.0f} s")
+    written = json.loads(paths["summary"].read_text())
+    header, body = comparison_table(written["models"])
+    table = Table(title=f"{len(evaluation.cases)} cases in {written['seconds']:.0f} s (report included)")
     for column in header:
         table.add_column(column)
     for row in body:
