@@ -63,14 +63,14 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The catalog: every system of the survey and what medfm supports of it."""
-    from medfm.catalog import cards_table_rows
+    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows
 
     cards = medfm.list_models(category=category, modality=modality, prompt=prompt, support=support)
     if as_json:
         print(json.dumps([card.to_dict() for card in cards], indent=2))
         return
     table = Table(title=f"{len(cards)} systems")
-    for column in ("name", "year", "category", "modalities", "prompts", "support"):
+    for column in CARD_TABLE_COLUMNS:
         table.add_column(column)
     for row in cards_table_rows(cards):
         table.add_row(*row)
