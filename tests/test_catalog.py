@@ -82,7 +82,7 @@ def test_support_tells_the_truth_today():
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
     # MedCLIP's semantic-matching loss trains medfm's dual encoders; AutoSAM's prompt generator is a recipe
     from medfm.clip import semantic_matching_loss  # noqa: F401 - MedCLIP's recipe exists
-    from medfm.train.recipes import RECIPES
+    from medfm.segment.variants import RECIPES
 
     assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip", "autosam"}
     assert "autoprompt" in RECIPES and "--recipe autoprompt" in get_card("autosam").notes

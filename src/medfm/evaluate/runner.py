@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfm.evaluate.datasets import Case, discover_cases
+from medfm.data.datasets import Case, discover_cases
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
 from medfm.intensity import window_for_target

@@ -186,7 +186,7 @@ class SegmentationModel:
         ``training`` (``{"base": <registry name or folder>, "recipe": {...}, ...}``, from
         `medfm.train`) is recorded in the config. With ``only``, just those state-dict keys are
         written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
-        modules on it and loads these tensors (`medfm.train.recipes.rebuild_from_delta`).
+        modules on it and loads these tensors (`medfm.segment.variants.rebuild_from_delta`).
         """
         from medfm.io.writers import write_model_folder
 
@@ -225,7 +225,7 @@ class SegmentationModel:
         except (OSError, RuntimeError, SafetensorError) as error:
             raise CheckpointError(directory / WEIGHTS_NAME, f"cannot read the weights ({error})") from error
         if config.get("delta"):
-            from medfm.train.recipes import rebuild_from_delta
+            from medfm.segment.variants import rebuild_from_delta
 
             network = rebuild_from_delta(config, state, str(directory / WEIGHTS_NAME))
         else:
