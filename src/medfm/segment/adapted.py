@@ -54,13 +54,14 @@ ADAPTED_CONFIGS: dict[str, SamCoreConfig] = {
     "samed_vit_b": SamCoreConfig(encoder=LoRAViTConfig(**_VIT_B), image_size=512, num_multimask_outputs=8),
 }
 
-#: SAM-Med2D's ``SammedPredictor``: stretch to 256 x 256 with OpenCV's INTER_NEAREST (done by
-#: :class:`medfm.segment.adapted_predictor.SamMed2DPredictor`, so the resize below is the
-#: identity), ImageNet mean/std on 0-255, low-res logits bilinearly to 256 then to the input.
+#: SAM-Med2D's ``SammedPredictor``: BGR channel order (``cv2.imread``), stretch to 256 x 256 with
+#: OpenCV's INTER_NEAREST, ImageNet mean/std on 0-255, low-res logits bilinearly to 256 then to the
+#: input.
 SAM_MED2D_PREPROCESS = PreprocessConfig(
     image_size=256,
     resize="stretch",
-    interpolation="area",
+    interpolation="nearest",
+    channel_order="bgr",
     normalization="mean-std",
     pixel_mean=SAM_PIXEL_MEAN,
     pixel_std=SAM_PIXEL_STD,

@@ -50,7 +50,8 @@ from medfm.segment.sam import SamCore
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+#: 2: SAM-Med2D's BGR order and INTER_NEAREST resize became fields of the preprocessing config
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ class SegmentationModel:
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
             network = None if config.get("delta") else build_any(config["arch"], **_network_overrides(config["network"]))
-            preprocess = PreprocessConfig.from_dict(config["preprocess"])
+            preprocess = _upgraded_preprocess(config)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
         try:
@@ -231,6 +232,15 @@ class SegmentationModel:
         else:
             _load_strict(network, state, directory / WEIGHTS_NAME)
         return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"])
+
+
+def _upgraded_preprocess(config: dict) -> PreprocessConfig:
+    """A folder's preprocessing; format-1 SAM-Med2D folders said ``"area"`` while SAM-Med2D's own
+    pipeline (nearest, BGR) was applied by a predictor of its own, so they get that pipeline."""
+    preprocess = PreprocessConfig.from_dict(config["preprocess"])
+    if config.get("medfm_format", 1) < 2 and config.get("arch") == "sam_med2d_vit_b":
+        preprocess = dataclasses.replace(preprocess, interpolation="nearest", channel_order="bgr")
+    return preprocess
 
 
 def _jsonable(value: object) -> object:
