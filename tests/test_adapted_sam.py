@@ -488,6 +488,13 @@ def test_samed_loads_base_and_lora_and_predicts_classes(tmp_path: Path) -> None:
         single, _ = network.decode(predictor.embedding)
     torch.testing.assert_close(logits[:1], single[0])  # token 0 is SAMed's background
     assert predictor.predict(boxes=[[40, 40, 300, 300]]).masks.shape == (1, 416, 416)  # prompts still work
+    # the semantic settings are data: a saved folder states them and loads back the same predictor
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert json.loads((folder / "config.json").read_text())["semantic"]["input_size"] == 224
+    reloaded = medfm.load(folder).predictor()
+    assert isinstance(reloaded, SemanticPredictor) and reloaded.settings == predictor.settings
+    reloaded.set_image(BUSI)
+    np.testing.assert_array_equal(reloaded.predict_classes(), labels)
 
 
 def test_samed_lora_changes_the_output(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ Prompted ``predict`` works on it as on any SAM (with the geometry set here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,31 +24,11 @@ from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset, default_preset, scaler
 from medfm.io import MedicalImage
 from medfm.preprocess import Geometry, SliceValues
-from medfm.segment.adapted import SYNAPSE_CLASSES, decode_all_masks
+from medfm.segment.adapted import decode_all_masks
 from medfm.segment.predictor import Predictor, per_slice
 
 if TYPE_CHECKING:
     from medfm.segment.model import SegmentationModel
-
-@dataclass(frozen=True)
-class SemanticSettings:
-    """What a prompt-free multi-class checkpoint needs beyond its `PreprocessConfig`.
-
-    ``input_size``: the resolution it was trained at (SAMed: 224 x 224 slices, zoomed to 512);
-    every slice passes through it first, as in SAMed's test script. ``ct_window``: the default
-    intensity mapping for CT.
-    """
-
-    class_names: tuple[str, ...]
-    input_size: int | None
-    ct_window: IntensityPreset
-
-
-#: SAMed's Synapse model: training slices of 224 px, CT clipped to [-125, 275] HU.
-SEMANTIC_SETTINGS: dict[str, SemanticSettings] = {
-    "samed_vit_b": SemanticSettings(SYNAPSE_CLASSES, 224, IntensityPreset("window", level=75.0, width=400.0)),
-}
-
 
 class SemanticPredictor(Predictor):
     """``set_image`` then ``predict_classes()``: one label per pixel, 0 for background.
@@ -60,7 +39,9 @@ class SemanticPredictor(Predictor):
 
     def __init__(self, model: SegmentationModel, **options: Any) -> None:
         super().__init__(model, **options)
-        self.settings = SEMANTIC_SETTINGS[model.arch]
+        if model.semantic is None:
+            raise PromptError(f"{model.name} is not a prompt-free multi-class model (its config has no 'semantic' section)")
+        self.settings = model.semantic
         self._class_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (embedding, logits)
 
     @property
@@ -122,6 +103,6 @@ class SemanticPredictor(Predictor):
 
 def predictor_for(model: SegmentationModel, **options: Any) -> Predictor:
     """The predictor a model's architecture needs, with `Predictor`'s options."""
-    if model.arch in SEMANTIC_SETTINGS:
+    if model.semantic is not None:
         return SemanticPredictor(model, **options)
     return Predictor(model, **options)

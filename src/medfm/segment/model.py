@@ -37,6 +37,8 @@ from medfm.segment.adapted import (
     SAM_MED2D_PREPROCESS,
     SAMED_LORA_HINT,
     SAMED_PREPROCESS,
+    SAMED_SEMANTIC,
+    SemanticSettings,
     build_any,
     detect_adapted_layout,
     load_adapted_checkpoint,
@@ -50,7 +52,8 @@ from medfm.segment.sam import SamCore
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-#: 2: SAM-Med2D's BGR order and INTER_NEAREST resize became fields of the preprocessing config
+#: 2: SAM-Med2D's BGR order and INTER_NEAREST resize became fields of the preprocessing config, and
+#: SAMed's class names, training resolution and CT window a "semantic" section
 FORMAT_VERSION = 2
 
 
@@ -84,6 +87,8 @@ class PretrainedSpec:
     description: str
     filename: str | None = None
     extra: tuple[ExtraFile, ...] = ()
+    #: prompt-free multi-class checkpoints (SAMed): class names, training resolution, CT window
+    semantic: SemanticSettings | None = None
 
 
 PRETRAINED: dict[str, PretrainedSpec] = {
@@ -142,6 +147,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
                     "samed_lora_epoch_159.pth", None, "SAMed's LoRA checkpoint (epoch_159.pth)",
                 ),
             ),
+            semantic=SAMED_SEMANTIC,
         ),
     ]
 }
@@ -167,6 +173,7 @@ class SegmentationModel:
     preprocess: PreprocessConfig
     name: str
     arch: str
+    semantic: SemanticSettings | None = None
 
     def predictor(self, **options: Any) -> Predictor:
         """An interactive predictor over this model (encode once, prompt many); SAMed's has
@@ -201,6 +208,8 @@ class SegmentationModel:
             "network": _jsonable(dataclasses.asdict(self.network.config)),
             "preprocess": self.preprocess.to_dict(),
         }
+        if self.semantic is not None:
+            config["semantic"] = self.semantic.to_dict()
         if training is not None:
             config |= _jsonable(training) | {"delta": only is not None}
         state = self.network.state_dict()
@@ -218,7 +227,7 @@ class SegmentationModel:
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
             network = None if config.get("delta") else build_any(config["arch"], **_network_overrides(config["network"]))
-            preprocess = _upgraded_preprocess(config)
+            preprocess, semantic = _pipeline(config)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
         try:
@@ -231,16 +240,21 @@ class SegmentationModel:
             network = rebuild_from_delta(config, state, str(directory / WEIGHTS_NAME))
         else:
             _load_strict(network, state, directory / WEIGHTS_NAME)
-        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"])
+        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic)
 
 
-def _upgraded_preprocess(config: dict) -> PreprocessConfig:
-    """A folder's preprocessing; format-1 SAM-Med2D folders said ``"area"`` while SAM-Med2D's own
-    pipeline (nearest, BGR) was applied by a predictor of its own, so they get that pipeline."""
+def _pipeline(config: dict) -> tuple[PreprocessConfig, SemanticSettings | None]:
+    """A folder's preprocessing and semantic settings. Before format 2 a predictor of their own
+    applied SAM-Med2D's pipeline (nearest, BGR; the config said ``"area"``) and SAMed's semantic
+    settings, so format-1 folders of those architectures get them here."""
     preprocess = PreprocessConfig.from_dict(config["preprocess"])
-    if config.get("medfm_format", 1) < 2 and config.get("arch") == "sam_med2d_vit_b":
-        preprocess = dataclasses.replace(preprocess, interpolation="nearest", channel_order="bgr")
-    return preprocess
+    semantic = SemanticSettings.from_dict(config["semantic"]) if "semantic" in config else None
+    if config.get("medfm_format", 1) < 2:
+        if config.get("arch") == "sam_med2d_vit_b":
+            preprocess = dataclasses.replace(preprocess, interpolation="nearest", channel_order="bgr")
+        if config.get("arch") == "samed_vit_b":
+            semantic = SAMED_SEMANTIC
+    return preprocess, semantic
 
 
 def _jsonable(value: object) -> object:
@@ -324,7 +338,7 @@ def load(
         preprocess = spec.preprocess
         if preprocess.image_size != network.config.image_size:  # a model trained at another size
             preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
-        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch).to(device)
+        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.semantic).to(device)
     if lora is not None or overrides:
         raise MedfmError(
             "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"
