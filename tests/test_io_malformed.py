@@ -6,6 +6,7 @@ the fuzz harness's limited worker process, so a regression fails the test instea
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
@@ -358,3 +359,14 @@ def test_info_summary_does_not_copy_the_array_to_float64() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1.5 * image.array.nbytes
+
+
+def test_cli_frame_and_read_limit_options() -> None:
+    from tests.test_cli import run_medfm
+
+    result = run_medfm("info", "--json", "--frame", "3", get_testdata_file("rtdose.dcm"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["shape"] == [10, 10]
+    result = run_medfm("info", "--max-bytes", "1000", str(EXAMPLES / "busi_benign_001.png"))
+    assert result.returncode == 2 and "over the read limit" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

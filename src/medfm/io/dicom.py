@@ -188,12 +188,7 @@ def _pixels(dataset, path: Path, max_bytes: int, frame: int | None = None) -> np
     if stored.shape != layout.shape(frame):
         raise InputFileError(path, f"the pixel data decodes to shape {stored.shape}, but the header declares {layout.shape(frame)}")
     if layout.photometric == "PALETTE COLOR":
-        try:
-            return apply_color_lut(stored, dataset)
-        except MemoryError:
-            raise
-        except Exception as error:
-            raise InputFileError(path, f"the palette color lookup table is unusable ({type(error).__name__}: {error})") from error
+        return _through_table(apply_color_lut, stored, dataset, path, "the palette color lookup table")
     if layout.samples > 1:
         return stored
     values = _modality_values(stored, dataset, path)
@@ -202,17 +197,22 @@ def _pixels(dataset, path: Path, max_bytes: int, frame: int | None = None) -> np
     return values
 
 
+def _through_table(apply, stored: np.ndarray, dataset, path: Path, table: str) -> np.ndarray:  # noqa: ANN001
+    """``apply(stored, dataset)`` (a pydicom lookup-table function), its failures named after ``table``."""
+    try:
+        return apply(stored, dataset)
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise InputFileError(path, f"{table} is unusable ({type(error).__name__}: {error})") from error
+
+
 def _modality_values(stored: np.ndarray, dataset, path: Path) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
     """Stored values through the Modality LUT Sequence, or Rescale Slope and Intercept when present."""
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in dataset:
-        try:
-            return apply_modality_lut(stored, dataset)
-        except MemoryError:
-            raise
-        except Exception as error:
-            raise InputFileError(path, f"ModalityLUTSequence is unusable ({type(error).__name__}: {error})") from error
+        return _through_table(apply_modality_lut, stored, dataset, path, "ModalityLUTSequence")
     slope = _numbers(dataset, "RescaleSlope", path, 1)[0] if "RescaleSlope" in dataset else 1.0
     intercept = _numbers(dataset, "RescaleIntercept", path, 1)[0] if "RescaleIntercept" in dataset else 0.0
     if slope == 0:

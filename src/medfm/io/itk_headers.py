@@ -59,22 +59,14 @@ def check_metaimage_header(path: Path, max_bytes: int) -> None:
         key, separator, value = text.partition("=")
         if not separator:
             raise InputFileError(path, f"MetaImage header line without '=': {text[:60]!r}")
-        key = key.strip().lower()
-        if key in fields:
-            raise InputFileError(path, f"MetaImage header repeats the field {key!r}")
-        fields[key] = value.strip()
+        key = _store(path, fields, key, value)
         if key == "elementdatafile":
             data_offset = position
             break
     if data_offset is None:
         raise InputFileError(path, "MetaImage header has no ElementDataFile line (not a MetaImage, or truncated)")
-    ndims = _integer(path, "NDims", fields.get("ndims"))
-    if ndims != 3:
-        raise InputFileError(path, f"NDims is {ndims}; medfm reads 3D MetaImage volumes")
-    sizes = finite_numbers(path, "DimSize", fields.get("dimsize"), ndims, positive=True)
-    element_type = fields.get("elementtype", "")
-    if element_type not in META_ITEMSIZE:
-        raise InputFileError(path, f"ElementType {element_type!r} is not a scalar MetaImage type ({', '.join(META_ITEMSIZE)})")
+    sizes, itemsize = _volume_layout(path, fields, ("NDims", "DimSize", "ElementType"), META_ITEMSIZE)
+    ndims = len(sizes)
     if _integer(path, "ElementNumberOfChannels", fields.get("elementnumberofchannels", "1")) != 1:
         raise InputFileError(path, "ElementNumberOfChannels is not 1; medfm reads single-channel volumes")
     for key, name in (("elementspacing", "ElementSpacing"), ("elementsize", "ElementSize")):
@@ -92,7 +84,7 @@ def check_metaimage_header(path: Path, max_bytes: int) -> None:
     header_size = _integer(path, "HeaderSize", fields.get("headersize", "0"))
     if header_size < -1:
         raise InputFileError(path, f"HeaderSize is {header_size}")
-    declared = check_declared_size(path, [int(s) for s in sizes], META_ITEMSIZE[element_type], max_bytes)
+    declared = check_declared_size(path, sizes, itemsize, max_bytes)
     data_file = fields["elementdatafile"]
     if data_file == "LOCAL":
         available = path.stat().st_size - data_offset
@@ -122,23 +114,14 @@ def check_nrrd_header(path: Path, max_bytes: int) -> None:
         key, separator, value = text.partition(": ")
         if not separator:
             raise InputFileError(path, f"NRRD header line without ': ': {text[:60]!r}")
-        key = key.strip().lower().replace(" ", "")
-        if key in fields:
-            raise InputFileError(path, f"NRRD header repeats the field {key!r}")
-        fields[key] = value.strip()
-    dimension = _integer(path, "dimension", fields.get("dimension"))
-    if dimension != 3:
-        raise InputFileError(path, f"dimension is {dimension}; medfm reads 3D NRRD volumes")
-    sizes = finite_numbers(path, "sizes", fields.get("sizes"), dimension, positive=True)
-    type_name = fields.get("type", "")
-    if type_name not in NRRD_ITEMSIZE:
-        raise InputFileError(path, f"type {type_name!r} is not a scalar NRRD type")
+        _store(path, fields, key.replace(" ", ""), value)
+    sizes, itemsize = _volume_layout(path, fields, ("dimension", "sizes", "type"), NRRD_ITEMSIZE)
     encoding = fields.get("encoding", "")
     if encoding not in NRRD_ENCODINGS:
         raise InputFileError(path, f"encoding {encoding!r} is not an NRRD encoding")
     if "spacings" in fields:
-        finite_numbers(path, "spacings", fields["spacings"], dimension, positive=True)
-    declared = check_declared_size(path, [int(s) for s in sizes], NRRD_ITEMSIZE[type_name], max_bytes)
+        finite_numbers(path, "spacings", fields["spacings"], len(sizes), positive=True)
+    declared = check_declared_size(path, sizes, itemsize, max_bytes)
     data_file = fields.get("datafile")
     if data_file is not None:
         available = _data_file_in_folder(path, data_file, "data file").stat().st_size
@@ -148,6 +131,31 @@ def check_nrrd_header(path: Path, max_bytes: int) -> None:
         available = path.stat().st_size - data_offset
     if encoding == "raw" and "byteskip" not in fields and "lineskip" not in fields:
         check_data_length(path, declared, available)
+
+
+def _volume_layout(path: Path, fields: dict[str, str], names: tuple[str, str, str], itemsizes: dict[str, int]) -> tuple[list[int], int]:
+    """Sizes and bytes per voxel of a 3D scalar volume, from the fields that hold its number of
+    dimensions, its sizes and its element type (named as the format names them)."""
+    dimensions_field, sizes_field, type_field = names
+    dimensions = _integer(path, dimensions_field, fields.get(dimensions_field.lower()))
+    if dimensions != 3:
+        raise InputFileError(path, f"{dimensions_field} is {dimensions}; medfm reads 3D volumes")
+    sizes = finite_numbers(path, sizes_field, fields.get(sizes_field.lower()), dimensions, positive=True)
+    if not all(size.is_integer() for size in sizes):
+        raise InputFileError(path, f"{sizes_field} are not whole numbers ({fields[sizes_field.lower()][:60]!r})")
+    element = fields.get(type_field.lower(), "")
+    if element not in itemsizes:
+        raise InputFileError(path, f"{type_field} {element!r} is not a scalar type medfm reads")
+    return [int(size) for size in sizes], itemsizes[element]
+
+
+def _store(path: Path, fields: dict[str, str], key: str, value: str) -> str:
+    """Keep a header field under its lower-case name; a repeated field is ambiguous, so an error."""
+    key = key.strip().lower()
+    if key in fields:
+        raise InputFileError(path, f"the header repeats the field {key!r}")
+    fields[key] = value.strip()
+    return key
 
 
 def _head(path: Path) -> bytes:
