@@ -242,6 +242,23 @@ def test_float_tiff_reads_as_float32(tmp_path) -> None:
     assert image.summary()["intensity"]["max"] == pytest.approx(1000.25)
 
 
+@pytest.mark.parametrize("dtype,scale", [(np.int8, 1), (np.uint32, 1 << 30), (np.int16, 1)])
+def test_tiff_sample_formats_pillow_misreads_keep_their_values(tmp_path, dtype, scale) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    values = ((np.arange(24 * 32).reshape(24, 32) % 7 - 3) * scale).astype(dtype)
+    path = tmp_path / "samples.tif"
+    tifffile.imwrite(path, values)
+    np.testing.assert_array_equal(medfm.read_image(path).array, values)
+
+
+def test_float64_tiff_pillow_cannot_decode_is_one_error(tmp_path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    path = tmp_path / "double.tif"
+    tifffile.imwrite(path, np.ones((24, 32)))
+    with pytest.raises(InputFileError, match="a variant Pillow does not decode"):
+        medfm.read_image(path)
+
+
 # --- silently wrong reads -------------------------------------------------------------------
 
 

@@ -130,7 +130,7 @@ def check_pixel_values(image: MedicalImage) -> None:
 
 def read_photo(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> MedicalImage:
     """PNG / JPEG / TIFF / BMP: 8- or 16-bit, grey ``(H, W)`` or colour ``(H, W, 3)``."""
-    from PIL import Image, ImageMode
+    from PIL import Image, ImageMode, UnidentifiedImageError
 
     try:
         # from memory: a file object's read(n) allocates n bytes first, and a corrupt chunk length
@@ -143,12 +143,15 @@ def read_photo(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> MedicalImage:
             itemsize = np.dtype(ImageMode.getmode(opened.mode).typestr).itemsize
             check_declared_size(path, (opened.height, opened.width, bands), itemsize, max_bytes, "the image")
             opened.load()
-            array = _pil_to_array(opened)
+            array = _tiff_sample_bits(opened, _pil_to_array(opened))
             info = {"pil_mode": opened.mode}
     except (InputFileError, MemoryError):
         raise
     except Image.DecompressionBombError as error:
         raise InputFileError(path, f"the image declares more pixels than Pillow opens ({error})") from error
+    except UnidentifiedImageError as error:
+        raise InputFileError(path, "corrupt or truncated image file, or a variant Pillow does not decode "
+                             "(e.g. 16- or 64-bit float TIFF)") from error
     except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
         raise InputFileError(path, f"corrupt or truncated image file ({type(error).__name__}: {error})") from error
     return MedicalImage(
@@ -157,6 +160,20 @@ def read_photo(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> MedicalImage:
         metadata={"format": path.suffix.lower().lstrip("."), "kind": "image", **info},
         **image_geometry_2d(),
     )
+
+
+def _tiff_sample_bits(image, array: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a PIL image
+    """Pillow reads signed 8-bit TIFF samples as unsigned and unsigned 32-bit ones as signed;
+    reinterpret their bits so that -3 stays -3 and 3e9 stays 3e9."""
+    if image.format != "TIFF":
+        return array
+    sample_formats = set(np.atleast_1d(image.tag_v2.get(339, 1)).tolist())  # 1 unsigned, 2 signed, 3 float
+    bits = set(np.atleast_1d(image.tag_v2.get(258, 8)).tolist())
+    if sample_formats == {2} and bits == {8} and array.dtype == np.uint8:
+        return array.view(np.int8)
+    if sample_formats == {1} and bits == {32} and array.dtype == np.int32:
+        return array.view(np.uint32)
+    return array
 
 
 def _pil_to_array(image) -> np.ndarray:  # noqa: ANN001 - a PIL image
