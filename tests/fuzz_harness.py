@@ -92,8 +92,9 @@ class ReaderWorker:
         self.stop()
 
     def _start(self) -> None:
+        # one thread and few malloc arenas: per-thread arenas reserve address space the limit would count
         env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(self.memory_limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1,

@@ -368,6 +368,17 @@ def test_zip_bomb_and_size_limit(tmp_path) -> None:
         medfm.read_image(stored, max_bytes=1 << 20)
 
 
+def test_deflated_dicom_that_inflates_past_the_limit(tmp_path) -> None:
+    dataset = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    dataset.add_new(0x00291010, "OB", bytes(16 << 20))  # 16 MiB of zeros deflate to a few KB
+    path = tmp_path / "bomb.dcm"
+    dataset.save_as(path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputFileError, match="inflates past the read limit"):
+        medfm.read_image(path, max_bytes=4 << 20)
+    assert medfm.read_image(path).array.shape == (512, 512)
+
+
 def test_info_summary_does_not_copy_the_array_to_float64() -> None:
     image = medfm.MedicalImage(array=np.arange(2000 * 2000, dtype=np.int16).reshape(2000, 2000),
                                spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=np.eye(2))

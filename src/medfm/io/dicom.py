@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ PHOTOMETRIC_SAMPLES = {
     "YBR_ICT": 3, "YBR_RCT": 3, "YBR_PARTIAL_420": 3,
 }
 
+#: Deflated Explicit VR Little Endian, the transfer syntax pydicom inflates whole on reading.
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
+
 #: Relative tolerance on slice gaps before a series counts as unevenly spaced.
 SLICE_GAP_TOLERANCE = 0.01
 
@@ -48,20 +52,41 @@ def has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def _dcmread(path: Path, stop_before_pixels: bool = False):  # noqa: ANN202 - pydicom Dataset
+def _dcmread(path: Path, max_bytes: int, stop_before_pixels: bool = False):  # noqa: ANN202 - pydicom Dataset
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    data = path.read_bytes()
+    _check_inflated_size(path, data, max_bytes)
     try:
         # from memory: a file object's read(n) allocates n bytes first, and a corrupt element length
         # would ask for gigabytes; BytesIO returns what is there
-        return pydicom.dcmread(io.BytesIO(path.read_bytes()), stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as error:
         raise InputFileError(path, f"not a valid DICOM file ({error})") from error
     except MemoryError:
         raise
     except Exception as error:  # pydicom raises many types for truncated files and deflate streams
         raise InputFileError(path, f"corrupt or truncated DICOM file ({type(error).__name__}: {error})") from error
+
+
+def _check_inflated_size(path: Path, data: bytes, max_bytes: int) -> None:
+    """pydicom inflates a deflated dataset whole: count what it would inflate to first, a megabyte at a
+    time, and refuse more than ``max_bytes`` (a zip bomb in DICOM clothing)."""
+    if data[128:136] != b"DICM\x02\x00\x00\x00" or DEFLATED_SYNTAX not in data[:4096]:
+        return
+    stream = data[144 + int.from_bytes(data[140:144], "little"):]  # after the file meta group
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    try:
+        while stream and inflated <= max_bytes:
+            inflated += len(inflater.decompress(stream, 1 << 20))
+            stream = inflater.unconsumed_tail
+    except zlib.error:
+        return  # pydicom reports the corrupt stream, with its own words
+    if inflated > max_bytes:
+        raise InputFileError(path, f"the deflated dataset inflates past the read limit of {max_bytes} bytes "
+                             "(raise it with max_bytes= or --max-bytes)")
 
 
 def _field(dataset, keyword: str, path: Path, default=None):  # noqa: ANN001, ANN202 - pydicom values
@@ -251,7 +276,7 @@ def _metadata(dataset, kind: str, path: Path) -> dict:  # noqa: ANN001 - pydicom
 def read_dicom_file(path: Path, frame: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> MedicalImage:
     """One DICOM file: a 2D image, or a multi-frame volume when it holds several frames (``frame``
     picks one of them as a 2D image)."""
-    dataset = _dcmread(path)
+    dataset = _dcmread(path, max_bytes)
     values = _pixels(dataset, path, max_bytes, frame)
     if values.ndim == 4 or (values.ndim == 3 and frame is None and _integer(dataset, "NumberOfFrames", path, 1) > 1):
         return _multiframe_volume(dataset, _compact(values), path)
@@ -329,12 +354,12 @@ def _volume_from_slices(values, positions, orientation, pixel_spacing, reference
     )
 
 
-def _series_files(folder: Path) -> dict[str, list[tuple[Path, object]]]:
+def _series_files(folder: Path, max_bytes: int) -> dict[str, list[tuple[Path, object]]]:
     """DICOM headers of every file under ``folder`` grouped by SeriesInstanceUID; non-DICOM files skipped."""
     series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            header = _dcmread(file, stop_before_pixels=True)
+            header = _dcmread(file, max_bytes, stop_before_pixels=True)
             is_dicomdir = _field(header, "SOPClassUID", file) == "1.2.840.10008.1.3.10"
             uid = str(_field(header, "SeriesInstanceUID", file, "unknown"))
         except InputFileError:  # not DICOM, or a header too broken to group: skipped like any other file
@@ -349,7 +374,7 @@ def read_dicom_series(
 ) -> MedicalImage:
     """A folder holding one DICOM series (or ``series_uid`` chosen among several) as a volume."""
     shown = display_path or folder
-    series = _series_files(folder)
+    series = _series_files(folder, max_bytes)
     if not series:
         raise InputFileError(shown, "no DICOM files found in the folder")
     if series_uid is None and len(series) > 1:
@@ -365,7 +390,7 @@ def read_dicom_series(
         image = read_dicom_file(files[0], max_bytes=max_bytes)
         image.metadata["source_files"] = [str(files[0])]
         return image
-    datasets = [_dcmread(file) for file in files]
+    datasets = [_dcmread(file, max_bytes) for file in files]
     layouts = {(layout.frames, layout.rows, layout.columns, layout.samples, layout.bits)
                for layout in (_pixel_layout(d, f, max_bytes) for d, f in zip(datasets, files))}
     if len(layouts) > 1:
