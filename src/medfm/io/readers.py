@@ -64,7 +64,9 @@ def read_image(
     if reader is _read_dicom_folder or reader is _read_dicom_zip:
         options["series_uid"] = series_uid
     if frame is not None:
-        if reader.__name__ != "read_dicom_file":
+        from medfm.io import dicom
+
+        if reader is not dicom.read_dicom_file:
             raise OptionError(f"{path}: frame={frame} applies to multi-frame DICOM files only")
         options["frame"] = frame
     image = reader(path, **options)
