@@ -13,6 +13,7 @@ from rich.table import Table
 
 import medfm
 from medfm.errors import MedfmError
+from medfm.io.checks import DEFAULT_MAX_BYTES
 
 app = typer.Typer(
     name="medfm",
@@ -29,9 +30,11 @@ def info(
     files: Annotated[list[Path], typer.Argument(help="Image files, DICOM folders or zips.")],
     modality: Annotated[Optional[str], typer.Option(help="Override the modality stored in the file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    frame: Annotated[Optional[int], typer.Option(help="One frame (0-based) of a multi-frame DICOM, as a 2D image.")] = None,
+    max_bytes: Annotated[int, typer.Option(help="Largest pixel data a file may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Shape, spacing, orientation, modality and intensity range of each file."""
-    summaries = [medfm.read_image(path, modality=modality).summary() for path in files]
+    summaries = [medfm.read_image(path, modality=modality, frame=frame, max_bytes=max_bytes).summary() for path in files]
     if as_json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
         return
@@ -97,6 +100,8 @@ def segment(
     uncertainty: Annotated[Optional[Path], typer.Option(help="Also write SAM-U's uncertainty map (20 jittered boxes) here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, or bf16: faster where the CPU/GPU has bfloat16; a few boundary pixels may differ.")] = "fp32",
+    frame: Annotated[Optional[int], typer.Option(help="One frame (0-based) of a multi-frame DICOM, as a 2D image.")] = None,
+    max_bytes: Annotated[int, typer.Option(help="Largest pixel data the input may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
     from medfm.intensity import preset
@@ -108,7 +113,7 @@ def segment(
     clicks = [(_numbers(t, 2, "--point"), 1) for t in point or []] + [(_numbers(t, 2, "--negative-point"), 0) for t in negative_point or []]
     points = Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None
     intensity = preset(window) if window else None
-    image = medfm.read_image(input_path, modality=modality)
+    image = medfm.read_image(input_path, modality=modality, frame=frame, max_bytes=max_bytes)
     network = load(model, weights=weights, device=device)
     if box3d or boxes_from:
         from medfm.segment.volume import prompts_from_labels, segment_volume
