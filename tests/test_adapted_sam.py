@@ -29,12 +29,11 @@ from medfm.segment.adapted import (
     ADAPTED_CONFIGS,
     build_adapted,
     encode_volume_chunk,
-    read_training_checkpoint,
 )
 from medfm.segment.adapted_predictor import SemanticPredictor
 from medfm.segment.predictor import Predictor
 from medfm.segment.adapters import LoRAQKVLinear, MSALayer, SamMed2DLayer, closest_factors
-from medfm.segment.checkpoints import convert_medfm_to_segment_anything
+from medfm.segment.checkpoints import convert_medfm_to_segment_anything, load_state_dict_file
 from medfm.segment.model import PRETRAINED, SegmentationModel
 from medfm.segment.sam import SamCore, build_sam
 from tests.conftest import EXAMPLES
@@ -330,7 +329,7 @@ def test_pickled_objects_other_than_an_optimizer_are_still_refused(tmp_path: Pat
     path = tmp_path / "odd.pth"
     torch.save({"model": torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
-        read_training_checkpoint(path)
+        load_state_dict_file(path)
 
 
 # -- Medical SAM Adapter ----------------------------------------------------------------------------

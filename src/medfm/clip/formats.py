@@ -22,7 +22,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from medfm.clip.model import DualEncoder, load_strict, load_tokenizer
@@ -34,6 +33,7 @@ from medfm.clip.preprocess import (
 )
 from medfm.errors import CheckpointError
 from medfm.hub import hub_snapshot
+from medfm.safe_load import read_tensors
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -48,17 +48,10 @@ def hub_folder(repo_id: str, patterns: tuple[str, ...] = (OPEN_CLIP_CONFIG, *OPE
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only``), unwrapping
-    ``{'state_dict': ...}`` and DataParallel's ``module.`` prefixes."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and safetensors errors come in many types
-        raise CheckpointError(path, f"cannot read the weights ({error})") from error
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (`medfm.safe_load.read_tensors`:
+    no pickled code runs, TorchScript is refused), unwrapping ``{'state_dict': ...}`` and
+    DataParallel's ``module.`` prefixes."""
+    state, _ = read_tensors(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}

@@ -21,13 +21,10 @@ for the modules and the exact key layouts.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,89 +140,6 @@ def build_adapted(arch: str, **overrides: Any) -> SamCore:
 def build_any(arch: str, **overrides: Any) -> SamCore:
     """:func:`build_adapted` for an adapted architecture, else :func:`build_sam`."""
     return build_adapted(arch, **overrides) if arch in ADAPTED_CONFIGS else build_sam(arch, **overrides)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading training checkpoints that pickle more than tensors
-# ---------------------------------------------------------------------------------------------
-
-
-class _Inert:
-    """Stands for any pickled object that is not a tensor or a dict (an optimizer, a defaultdict,
-    ...): it is built without running any of the pickled class's code and keeps nothing."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-    def __setitem__(self, key: object, value: object) -> None:
-        pass
-
-    def append(self, value: object) -> None:
-        pass
-
-    def extend(self, values: object) -> None:
-        pass
-
-
-_TENSOR_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and dicts; every other global becomes :class:`_Inert` (nothing runs)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _TENSOR_GLOBALS:
-            return super().find_class(module, name)
-        return _Inert
-
-
-_TENSORS_ONLY = types.SimpleNamespace(
-    __name__="medfm_tensors_only_pickle",
-    Unpickler=_TensorsOnlyUnpickler,
-    load=lambda file, **kwargs: _TensorsOnlyUnpickler(file, **kwargs).load(),
-)
-
-
-def read_training_checkpoint(path: str | PathLike[str]) -> dict[str, Tensor]:
-    """A state dict from a checkpoint that may also pickle training objects.
-
-    First :func:`load_state_dict_file` (``weights_only=True``); if that refuses the file, the
-    file is read again keeping only tensors and dicts (SAM-Med2D's ``train.py`` saves
-    ``{'model': state_dict, 'optimizer': <torch.optim.Adam>}``), and its ``model``/``state_dict``
-    entry is used. No pickled code runs either way.
-    """
-    try:
-        return load_state_dict_file(path)
-    except CheckpointError as refused:
-        try:
-            obj = torch.load(Path(path), map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY)
-        except Exception:  # noqa: BLE001 - the first error says it better
-            raise refused from None
-        state = _unwrap(obj)
-        if state is None:
-            raise refused from None
-        return state
-
-
-def _unwrap(obj: object) -> dict[str, Tensor] | None:
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        return None
-    if all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return dict(obj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +297,7 @@ def load_adapted_checkpoint(path: str | PathLike[str], arch: str, **overrides: A
     model trained at 256 px) replace fields of the result.
     """
     suffix, name, pattern = _ADAPTER_KEYS[arch]
-    raw = read_training_checkpoint(path)
+    raw = load_state_dict_file(path)
     if detect_adapted_layout(raw) == "samed_lora":
         raise CheckpointError(path, f"is SAMed's LoRA file; {SAMED_LORA_HINT}")
     if not any(k.endswith(suffix) for k in raw):

@@ -14,18 +14,16 @@ LiteMedSAM's for TinyViT, so only segment-anything's ViT / prompt / decoder keys
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
-import torch
 from torch import Tensor
 
 from medfm.errors import CheckpointError
+from medfm.safe_load import read_tensors
 from medfm.segment.sam import SAM_CONFIGS, SamCore, TinyViTConfig, ViTConfig, build_sam
 
 # (segment-anything prefix, medfm prefix); "#" stands for a block index. First match wins.
@@ -197,31 +195,21 @@ def _count_indices(keys: Iterable[str], prefix: str) -> int:
 def load_state_dict_file(path: str | PathLike[str]) -> dict[str, Tensor]:
     """Read a ``.safetensors`` or PyTorch (``.pth``/``.pt``/...) checkpoint as a flat state dict.
 
-    PyTorch files are read with ``weights_only=True`` (no arbitrary unpickling). ``{'model': ...}``
-    and ``{'state_dict': ...}`` wrappers and DataParallel's ``module.`` prefix are removed.
+    PyTorch files go through `medfm.safe_load.read_torch_file` (``weights_only=True``, TorchScript
+    refused, training objects such as SAM-Med2D's pickled optimizer stood in for, so no pickled
+    code runs). ``{'model': ...}`` and ``{'state_dict': ...}`` wrappers and DataParallel's
+    ``module.`` prefix are removed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
-    kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
-    try:
-        if kind == "safetensors":
-            obj: Any = safetensors.torch.load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            path, f"cannot be read with weights_only=True (corrupt, or holds pickled objects): {reason}"
-        ) from err
-    except Exception as err:  # torch/safetensors raise RuntimeError, EOFError, BadZipFile, ... on broken files
-        raise CheckpointError(path, f"is not a readable {kind} checkpoint (truncated or corrupt?): {err}") from err
-
+    obj, stood_in = read_tensors(path)
     while isinstance(obj, dict):
         inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
         obj = inner
+    if stood_in and not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
+        raise CheckpointError(path, f"holds pickled objects that weights_only=True refuses ({_first(stood_in)}) "
+                              "and no state dict of tensors beside them; medfm does not run pickled code")
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
