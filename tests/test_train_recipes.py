@@ -183,7 +183,7 @@ def test_blend_with_base_moves_the_trained_tensors_back_linearly(setup, tmp_path
 
     broken = shutil.copytree(result.last, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(CheckpointError, match="not a model folder written by medfm train"):
+    with pytest.raises(CheckpointError, match="model.safetensors: SHA-256 differs"):
         blend_with_base(broken, 0.5, tmp_path / "bad")
     with pytest.raises(CheckpointError):
         blend_with_base(tmp_path / "nowhere", 0.5, tmp_path / "bad")

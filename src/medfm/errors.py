@@ -48,6 +48,22 @@ class CheckpointError(MedfmError, ValueError):
         super().__init__(f"{self.source}: {problem}")
 
 
+class ModelOutputError(MedfmError, RuntimeError):
+    """A model gave output that cannot be a result (NaN or infinite logits, scores or embeddings),
+    usually from corrupt weights: an error, never an empty mask or a meaningless probability."""
+
+    def __init__(self, model: str, what: str) -> None:
+        self.model = model
+        super().__init__(f"model '{model}' gave non-finite {what} (NaN or infinite), so there is no result; "
+                         "its weights are most likely corrupt")
+
+    @classmethod
+    def unless_finite(cls, model: str, what: str, *tensors: object) -> None:
+        """Raise for ``model`` unless every torch tensor in ``tensors`` is finite throughout."""
+        if not all(bool(tensor.isfinite().all()) for tensor in tensors):  # type: ignore[attr-defined]
+            raise cls(model, what)
+
+
 class MissingDependencyError(MedfmError, ImportError):
     """An optional dependency is needed for this feature; the message says which extra installs it."""
 

@@ -39,12 +39,13 @@ from medfm.clip.towers import (
     build_projection,
     minilm_folder,
 )
-from medfm.errors import CheckpointError, MedfmError
+from medfm.device import resolve_device
+from medfm.errors import CheckpointError, MedfmError, ModelOutputError
+from medfm.safe_load import MODEL_WEIGHTS, read_folder_weights
 
 CONFIG_NAME = "config.json"
 #: published checkpoints `load` takes by name (their weights: the hub, or ``weights=``)
 PUBLISHED_MODELS = ("biomedclip", "chexzero")
-WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 TASK = "zero-shot-classification"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -93,8 +94,10 @@ class DualEncoder(nn.Module):
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 64) -> Tensor:
         """(N, D) L2-normalised embeddings of one or more texts."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return torch.cat([self.embed_text_features(self.text_features(texts[i : i + batch_size]))
-                          for i in range(0, len(texts), batch_size)])
+        embeddings = torch.cat([self.embed_text_features(self.text_features(texts[i : i + batch_size]))
+                                for i in range(0, len(texts), batch_size)])
+        ModelOutputError.unless_finite(self.name, "text embeddings", embeddings)
+        return embeddings
 
     # image side
     def pixels(self, images: Sequence[ImageLike]) -> Tensor:
@@ -127,7 +130,9 @@ class DualEncoder(nn.Module):
             features = self.image_features(self.pixels(images[i : i + batch_size]))
             prior_features = None if priors is None else self.image_features(self.pixels(priors[i : i + batch_size]))
             out.append(self.embed_image_features(features, prior_features))
-        return torch.cat(out)
+        embeddings = torch.cat(out)
+        ModelOutputError.unless_finite(self.name, "image embeddings", embeddings)
+        return embeddings
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B_images, B_texts) logits: ``exp(logit_scale)`` times the cosine similarities."""
@@ -156,24 +161,28 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | PathLike[str]) -> DualEncoder:
-        """Load a folder written by `save_pretrained`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Load a folder written by `save_pretrained`, its weights checked against their SHA-256
+        (before the towers are built)."""
         directory = Path(directory)
+        config = _read_config(directory)
+        state = read_folder_weights(directory, config)
         try:
-            config = json.loads((directory / CONFIG_NAME).read_text())
-            if config.get("task") != TASK:
-                raise ValueError(f"task is {config.get('task')!r}, not {TASK!r}")
             model = cls(config, load_tokenizer(directory if config.get("tokenizer") == "folder" else config["tokenizer"]))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        except (OSError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm dual-encoder config ({error})") from error
-        try:
-            state = load_file(str(directory / WEIGHTS_NAME))
-        except (OSError, RuntimeError, SafetensorError) as error:
-            raise CheckpointError(directory / WEIGHTS_NAME, f"cannot read the weights ({error})") from error
-        load_strict(model, state, directory / WEIGHTS_NAME)
+        load_strict(model, state, directory / MODEL_WEIGHTS)
         return model.eval()
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    """A dual encoder's ``config.json`` (`CheckpointError` naming it when unreadable or of another task)."""
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if not isinstance(config, dict) or config.get("task") != TASK:
+            raise ValueError(f"task is {config.get('task') if isinstance(config, dict) else None!r}, not {TASK!r}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm dual-encoder config ({error})") from error
+    return config
 
 
 def _as_list(items: Any) -> list:
@@ -243,6 +252,7 @@ def load(
     """
     from medfm.clip.formats import hub_folder, load_chexzero, load_open_clip
 
+    device = resolve_device(device)  # before anything loads
     text, path = str(name_or_path), Path(name_or_path)
     if text == DEFAULT_MODEL:
         model = DualEncoder.from_pretrained(WEIGHTS_DIR / DEFAULT_MODEL)

@@ -219,14 +219,18 @@ def _write_dicom_seg(mask: np.ndarray, path: Path, like: MedicalImage | None, na
 
 
 def write_model_folder(directory: str | PathLike[str], config: dict, tensors: dict) -> Path:
-    """A medfm model folder: ``model.safetensors`` (CPU-contiguous ``tensors``) and ``config.json``,
-    each written atomically; returns the folder."""
+    """A medfm model folder: ``model.safetensors`` (CPU-contiguous ``tensors``) and ``config.json``
+    with the weights' SHA-256 (checked when the folder loads), each written atomically; returns the folder."""
     from safetensors.torch import save_file
+
+    from medfm.hub import sha256_of
+    from medfm.safe_load import HASHES_FIELD, MODEL_WEIGHTS
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "model.safetensors") as temporary:
+    with atomic_path(directory / MODEL_WEIGHTS) as temporary:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata={"format": "pt"})
+        config = {**config, HASHES_FIELD: {MODEL_WEIGHTS: sha256_of(temporary)}}
     with atomic_path(directory / "config.json") as temporary:
         temporary.write_text(json.dumps(config, indent=2) + "\n")
     return directory

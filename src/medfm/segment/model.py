@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from medfm.device import resolve_device
 from medfm.errors import CheckpointError, MedfmError
 from medfm.hub import HUB_ID, hub_snapshot, resolve
 from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
+from medfm.safe_load import MODEL_WEIGHTS, read_folder_weights
 from medfm.segment.adapted import (
     ADAPTED_CONFIGS,
     MSA_PREPROCESS,
@@ -43,15 +45,13 @@ from medfm.segment.adapted import (
     detect_adapted_layout,
     load_adapted_checkpoint,
     load_samed,
-    read_training_checkpoint,
 )
 from medfm.segment.adapted_predictor import predictor_for
-from medfm.segment.checkpoints import detect_layout, infer_arch, load_sam_checkpoint
+from medfm.segment.checkpoints import detect_layout, infer_arch, load_sam_checkpoint, load_state_dict_file
 from medfm.segment.predictor import Predictor
 from medfm.segment.sam import SamCore
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 #: 2: SAM-Med2D's BGR order and INTER_NEAREST resize became fields of the preprocessing config, and
 #: SAMed's class names, training resolution and CT window a "semantic" section
 FORMAT_VERSION = 2
@@ -219,10 +219,7 @@ class SegmentationModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | PathLike[str]) -> SegmentationModel:
-        """Load a folder written by `save_pretrained`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Load a folder written by `save_pretrained`, its weights checked against their SHA-256."""
         directory = Path(directory)
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
@@ -230,16 +227,13 @@ class SegmentationModel:
             preprocess, semantic = _pipeline(config)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
-        try:
-            state = load_file(str(directory / WEIGHTS_NAME))
-        except (OSError, RuntimeError, SafetensorError) as error:
-            raise CheckpointError(directory / WEIGHTS_NAME, f"cannot read the weights ({error})") from error
+        state = read_folder_weights(directory, config)
         if config.get("delta"):
             from medfm.segment.variants import rebuild_from_delta
 
-            network = rebuild_from_delta(config, state, str(directory / WEIGHTS_NAME))
+            network = rebuild_from_delta(config, state, str(directory / MODEL_WEIGHTS))
         else:
-            _load_strict(network, state, directory / WEIGHTS_NAME)
+            _load_strict(network, state, directory / MODEL_WEIGHTS)
         return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic)
 
 
@@ -310,6 +304,7 @@ def load(
     ``overrides``: architecture fields the weights cannot tell, for the adapted models (e.g.
     ``image_size=256`` for an MSA model trained at 256 px, ``lora_rank`` for SAMed).
     """
+    device = resolve_device(device)  # before anything loads
     name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     text = str(name_or_path)
     path = Path(name_or_path)
@@ -350,7 +345,7 @@ def load(
     if not path.exists() and HUB_ID.fullmatch(text):
         return load_transformers_sam(hub_snapshot(text, SAM_HUB_FILES)).to(device)
     if path.is_file():
-        state = read_training_checkpoint(path)
+        state = load_state_dict_file(path)
         adapted = detect_adapted_layout(state)
         if adapted == "sam_med2d_vit_b":
             return load("sam-med2d", weights=path, device=device)

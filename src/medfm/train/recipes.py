@@ -41,10 +41,8 @@ def blend_with_base(run: str | PathLike[str], alpha: float, out: str | PathLike[
     Only for ``full`` and ``decoder`` runs, whose trained tensors start as the base's own (LoRA,
     adapters and prompt generators start from random factors, where a blend means nothing).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from medfm.io.writers import write_model_folder
+    from medfm.safe_load import read_folder_weights
     from medfm.segment.model import load
 
     if not 0.0 <= alpha <= 1.0:
@@ -53,9 +51,9 @@ def blend_with_base(run: str | PathLike[str], alpha: float, out: str | PathLike[
     try:
         config = json.loads((run / "config.json").read_text())
         recipe = Recipe.from_dict(config["recipe"])
-        trained = load_file(str(run / "model.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(run, f"is not a model folder written by medfm train ({error})") from error
+    trained = read_folder_weights(run, config)
     if recipe.name not in BLENDABLE:
         raise OptionError(f"{run}: a {recipe.name} run cannot be blended with its base; only {sorted(BLENDABLE)} runs")
     start = load(config["base"]).network.state_dict()
