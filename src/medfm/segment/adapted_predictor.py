@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfm.errors import PromptError
+from medfm.errors import ModelOutputError, PromptError
 from medfm.intensity import IntensityPreset, default_preset, scaler
 from medfm.io import MedicalImage
 from medfm.preprocess import Geometry, SliceValues
@@ -84,6 +84,7 @@ class SemanticPredictor(Predictor):
         if self._class_logits is None or self._class_logits[0] is not self.embedding:
             with torch.inference_mode():
                 logits = decode_all_masks(self.model.network, self.embedding)[0].float().cpu()
+            ModelOutputError.unless_finite(self.model.name, "class logits", logits)
             self._class_logits = (self.embedding, logits)
         return self._class_logits[1]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from medfm.errors import PromptError
+from medfm.errors import ModelOutputError, PromptError
 from medfm.intensity import IntensityPreset
 from medfm.io import MedicalImage, read_image
 from medfm.preprocess import Geometry, SliceValues, prepare, uint8_rgb_converter
@@ -175,6 +175,7 @@ class Predictor:
                 self.embedding, boxes=model_boxes, points=model_points, point_labels=model_labels,
                 mask_input=masks_in, multimask=multimask,
             )
+            ModelOutputError.unless_finite(self.model.name, "mask logits or scores", low_res, iou)
             logits = self.geometry.logits_to_input(low_res)
         threshold = self.model.preprocess.mask_threshold
         low_res, iou, logits = low_res.float().cpu().numpy(), iou.float().cpu().numpy(), logits.float().cpu().numpy()
