@@ -36,9 +36,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from medfm.errors import InputFileError, MedfmError
 from medfm.data.datasets import discover_cases, split_cases
+from medfm.device import resolve_device
+from medfm.errors import CheckpointError, InputFileError, MedfmError
 from medfm.progress import progress_bar
+from medfm.safe_load import read_torch_file
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
 from medfm.segment.sam import SamCore
 from medfm.train.data import (
@@ -116,9 +118,8 @@ class _Run:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(f"cuda:{local}" if device == "cuda" else device)
+        resolved = resolve_device(device)
+        self.device = torch.device("cuda", local) if resolved == torch.device("cuda") else resolved
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -148,6 +149,32 @@ def _base_id(base: str) -> tuple[str, str]:
     weights = path / "model.safetensors" if path.is_dir() else path
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
     return str(path), f"{path}:{stamp}"
+
+
+#: what `Trainer` saves in ``state.pt``, by type
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict, "optimizer": dict, "scheduler": dict, "torch_rng": Tensor, "epoch": int, "step": int,
+    "best": (int, float), "history": str, "seconds": (int, float), "recipe": dict, "base": str,
+}
+
+
+def read_run_state(path: Path) -> dict:
+    """A run's ``state.pt`` (`medfm.safe_load.read_torch_file`: no pickled code runs), with every
+    field `Trainer` saves, of the right type; `CheckpointError` naming the file otherwise."""
+    state, _ = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"holds a {type(state).__name__}, not the state of a medfm training run")
+    missing = [name for name in _STATE_FIELDS if name not in state]
+    wrong = [name for name, kind in _STATE_FIELDS.items() if name in state and not isinstance(state[name], kind)]
+    if missing or wrong or not all(isinstance(v, Tensor) for v in state["model"].values()):
+        details = [f"missing {', '.join(missing)}"] if missing else []
+        details += [f"wrong type of {', '.join(wrong)}"] if wrong else []
+        raise CheckpointError(path, f"is not the state of a medfm training run ({'; '.join(details) or 'model holds non-tensors'})")
+    try:
+        json.loads(state["history"])
+    except ValueError as error:
+        raise CheckpointError(path, f"its history is not JSON ({error})") from error
+    return state
 
 
 def _schedule(total: int, warmup: float) -> Callable[[int], float]:
@@ -234,7 +261,25 @@ class Trainer:
         self.network = apply_recipe(self.base.network, config.recipe).to(device)
         self.trained = sorted(delta_keys(self.network, config.recipe))
         self.params = [p for p in self.network.parameters() if p.requires_grad]
+        self.resume_state = self._resume_state()  # a foreign or corrupt state.pt fails here, before data or training
         self.train_set, self.val_set = self._datasets(cache_id)
+
+    def _resume_state(self) -> dict | None:
+        """``RUN_DIR/state.pt`` when resuming, checked to be this run's (recipe, base, trained tensors)."""
+        path = self.out / STATE_NAME
+        if path.exists() and not self.config.resume:
+            raise MedfmError(f"{self.out} already holds a run: pass --resume to continue it, or another output folder")
+        if not (self.config.resume and path.exists()):
+            return None
+        state = read_run_state(path)
+        if state["recipe"] != self.config.recipe.to_dict() or state["base"] != self.base_id:
+            raise MedfmError(f"{path}: was trained with recipe {state['recipe']} on {state['base']}; "
+                             "resume it with the same --recipe and --base")
+        shapes = self.network.state_dict()
+        if sorted(state["model"]) != self.trained or any(v.shape != shapes[k].shape for k, v in state["model"].items()):
+            raise CheckpointError(path, f"holds tensors that are not the ones the {self.config.recipe.name} recipe trains "
+                                  "on this base (a state.pt of another run?)")
+        return state
 
     def _datasets(self, cache_id: str) -> tuple[SegmentationSamples, SegmentationSamples | None]:
         config, preprocess = self.config, self.base.preprocess
@@ -340,23 +385,21 @@ class Trainer:
     def fit(self) -> TrainResult:
         config, run = self.config, self.run
         state_path = self.out / STATE_NAME
-        if state_path.exists() and not config.resume:
-            raise MedfmError(f"{self.out} already holds a run: pass --resume to continue it, or another output folder")
         loader, sampler = self._loader(self.train_set, shuffle=True)
         per_epoch = math.ceil(len(loader) / config.grad_accum)
         total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup))
         start_epoch, step, best, history, seconds = 0, 0, -1.0, [], 0.0
-        if config.resume and state_path.exists():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            if state["recipe"] != config.recipe.to_dict() or state["base"] != self.base_id:
-                raise MedfmError(f"{state_path}: was trained with recipe {state['recipe']} on {state['base']}; "
-                                 "resume it with the same --recipe and --base")
+        if self.resume_state is not None:
+            state = self.resume_state
             self.network.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                torch.set_rng_state(state["torch_rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise CheckpointError(state_path, f"its optimizer, scheduler or RNG state does not fit this run ({error})") from error
             start_epoch, step, best, history, seconds = (state["epoch"], state["step"], state["best"],
                                                          json.loads(state["history"]), state["seconds"])
             self.log(f"resuming {self.out} after epoch {start_epoch} (step {step})")
