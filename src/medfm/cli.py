@@ -104,11 +104,13 @@ def segment(
     max_bytes: Annotated[int, typer.Option(help="Largest pixel data the input may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
+    from medfm.device import resolve_device
     from medfm.intensity import preset
     from medfm.prompts import Box, Box3D, Points
     from medfm.segment.model import load
     from medfm.segment.run import overlay as draw_overlay, segment as run_segment
 
+    device = str(resolve_device(device))  # an unusable device is one line, before any file is read
     boxes = [Box(*_numbers(text, 4, "--box")) for text in box or []]
     clicks = [(_numbers(t, 2, "--point"), 1) for t in point or []] + [(_numbers(t, 2, "--negative-point"), 0) for t in negative_point or []]
     points = Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None
