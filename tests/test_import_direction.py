@@ -18,10 +18,11 @@ LAYERS = [
     {"cli", "__main__", "serve"},
     {"batch", "train", "evaluate", "qa"},
     {"segment", "clip", "vlm"},
-    {"lm", "data", "prompts", "preprocess", "intensity", "io", "hub", "catalog", "errors", "progress"},
+    {"lm", "data", "prompts", "preprocess", "intensity", "io", "hub", "catalog", "errors", "progress", "safe_load", "device"},
 ]
 #: the foundations' order among themselves: a module may import only those listed after it
-FOUNDATION_ORDER = ["lm", "data", "prompts", "preprocess", "intensity", "io", "catalog", "progress", "hub", "errors"]
+FOUNDATION_ORDER = ["lm", "data", "prompts", "preprocess", "intensity", "io", "catalog", "progress", "safe_load", "device",
+                    "hub", "errors"]
 
 
 def _part(module: str) -> str | None:
