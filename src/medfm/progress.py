@@ -26,7 +26,9 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Advanc
         yield lambda status=None: None
         return
     if not sys.stderr.isatty():
-        yield _plain_lines(total, description)
+        advance, finish = _plain_lines(total, description)
+        yield advance
+        finish()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -42,17 +44,26 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Advanc
         yield advance
 
 
-def _plain_lines(total: int, description: str) -> Advance:
+def _plain_lines(total: int, description: str) -> tuple[Advance, Callable[[], None]]:
+    """``advance`` prints a line when `PLAIN_INTERVAL` has passed; ``finish`` prints the last one
+    (work may end before ``total``, e.g. a propagation that stops where the mask vanishes)."""
     started = last = time.monotonic()
-    done = 0
+    done, shown, latest = 0, 0, ""
+
+    def show() -> None:
+        nonlocal last, shown
+        last, shown = time.monotonic(), done
+        print(f"{description}: {done}/{total} ({last - started:.0f} s){f' {latest}' if latest else ''}",
+              file=sys.stderr, flush=True)
 
     def advance(status: str | None = None) -> None:
-        nonlocal done, last
-        done += 1
-        now = time.monotonic()
-        if now - last >= PLAIN_INTERVAL or done == total:
-            last = now
-            print(f"{description}: {done}/{total} ({now - started:.0f} s){f' {status}' if status else ''}",
-                  file=sys.stderr, flush=True)
+        nonlocal done, latest
+        done, latest = done + 1, status or latest
+        if time.monotonic() - last >= PLAIN_INTERVAL:
+            show()
 
-    return advance
+    def finish() -> None:
+        if done != shown:
+            show()
+
+    return advance, finish

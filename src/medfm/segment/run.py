@@ -276,10 +276,11 @@ def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOu
     if request.overlay is not None:
         written.append(write_image(overlay(result, request.boxes, request.points, request.intensity), request.overlay))
     outcome = SegmentOutcome(written, result=result)
-    if reference is not None:
+    if reference is not None:  # on the segmented slice only: the rest of a volume's map is empty by design
         boxes = list(request.boxes) or [Box(*request.points.coords[0], *request.points.coords[0])]
-        outcome.reference = compare_with_reference(result.label_map, reference,
-                                                   {label: (request.slice_index, box) for label, box in enumerate(boxes, 1)})
+        plane = (lambda array: array) if request.slice_index is None else (lambda array: array[request.slice_index])
+        outcome.reference = compare_with_reference(plane(result.label_map), plane(reference),
+                                                   {label: (None, box) for label, box in enumerate(boxes, 1)})
     return outcome
 
 
