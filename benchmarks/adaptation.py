@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from medfm.evaluate.datasets import discover_cases, split_cases
+from medfm.data.datasets import discover_cases, split_cases
 from medfm.evaluate.runner import evaluate, rows_as_dicts, summarize
 from medfm.segment.model import load
 from medfm.train import RECIPES

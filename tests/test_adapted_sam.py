@@ -9,6 +9,7 @@ LoRA), on the same random weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import cv2
@@ -30,7 +31,8 @@ from medfm.segment.adapted import (
     encode_volume_chunk,
     read_training_checkpoint,
 )
-from medfm.segment.adapted_predictor import SamMed2DPredictor, SemanticPredictor
+from medfm.segment.adapted_predictor import SemanticPredictor
+from medfm.segment.predictor import Predictor
 from medfm.segment.adapters import LoRAQKVLinear, MSALayer, SamMed2DLayer, closest_factors
 from medfm.segment.checkpoints import convert_medfm_to_segment_anything
 from medfm.segment.model import PRETRAINED, SegmentationModel
@@ -259,7 +261,8 @@ def test_sam_med2d_checkpoint_loads_and_segments_the_bundled_image(tmp_path: Pat
     torch.testing.assert_close(encode(model.network), encode(original), rtol=0, atol=0)
 
     predictor = model.predictor()
-    assert isinstance(predictor, SamMed2DPredictor)
+    assert type(predictor) is Predictor  # its pipeline is all data: no predictor of its own
+    assert (model.preprocess.interpolation, model.preprocess.channel_order) == ("nearest", "bgr")
     predictor.set_image(BUSI)
     boxes = [[120, 100, 300, 280], [10, 20, 200, 220]]
     points = np.array([[[200, 190], [50, 50]], [[100, 120], [300, 300]]])
@@ -287,6 +290,15 @@ def test_sam_med2d_preprocessing_is_sammed_predictors(tmp_path: Path) -> None:
     np.testing.assert_allclose(seen[0][0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
     box = predictor.geometry.boxes_to_model(np.array([[15.0, 9.0, 75.0, 45.0]]))
     np.testing.assert_allclose(box, [[15 * 64 / 150, 9 * 64 / 90, 75 * 64 / 150, 45 * 64 / 90]])
+    # saved and loaded, the folder states that pipeline, and a folder from before it was data gets it too
+    folder = model.save_pretrained(tmp_path / "saved")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["preprocess"]["interpolation"] == "nearest" and config["preprocess"]["channel_order"] == "bgr"
+    del config["preprocess"]["channel_order"]
+    config["preprocess"]["interpolation"] = "area"  # what medfm wrote before (format 1)
+    config["medfm_format"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    assert medfm.load(folder).preprocess == model.preprocess
 
 
 def test_sam_med2d_adapters_change_the_output(tmp_path: Path) -> None:
@@ -476,6 +488,13 @@ def test_samed_loads_base_and_lora_and_predicts_classes(tmp_path: Path) -> None:
         single, _ = network.decode(predictor.embedding)
     torch.testing.assert_close(logits[:1], single[0])  # token 0 is SAMed's background
     assert predictor.predict(boxes=[[40, 40, 300, 300]]).masks.shape == (1, 416, 416)  # prompts still work
+    # the semantic settings are data: a saved folder states them and loads back the same predictor
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert json.loads((folder / "config.json").read_text())["semantic"]["input_size"] == 224
+    reloaded = medfm.load(folder).predictor()
+    assert isinstance(reloaded, SemanticPredictor) and reloaded.settings == predictor.settings
+    reloaded.set_image(BUSI)
+    np.testing.assert_array_equal(reloaded.predict_classes(), labels)
 
 
 def test_samed_lora_changes_the_output(tmp_path: Path) -> None:

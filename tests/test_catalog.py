@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from medfm.catalog import (
+    CARD_TABLE_COLUMNS,
     MODALITIES,
     PROMPT_TYPES,
     SUBCATEGORIES,
@@ -23,7 +24,7 @@ from medfm.catalog import (
 from medfm.errors import MedfmError
 
 TEXTUALLY_PROMPTED = {
-    "MedCLIP", "CheXzero", "BioViL-T",  # contrastive
+    "MedCLIP", "CheXzero", "BioViL-T", "BiomedCLIP",  # contrastive
     "Med-PaLM 2", "Clinical-BERT", "Med-Flamingo",  # generative
     "MedBLIP",  # hybrid
     "XrayGPT", "LLaVA-Med", "Visual Med-Alpaca", "PMC-LLaMA", "ClinicalGPT",  # conversational
@@ -33,6 +34,7 @@ VISUALLY_PROMPTED = {
     "SAM", "SAM zero-shot study", "RadFM", "BiomedGPT", "Med-PaLM M", "GMAI",  # generalist
 }
 SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM-U", "SAM zero-shot study"}
+MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-clip-small"}  # trained by medfm, beside the survey's systems
 NO_PUBLIC_WEIGHTS = {
     "Med-PaLM 2", "Med-PaLM M", "GMAI", "ClinicalGPT", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
 }
@@ -44,13 +46,13 @@ def names(cards: list[ModelCard]) -> set[str]:
 
 
 def test_every_system_of_the_survey_has_a_card():
-    assert len(TEXTUALLY_PROMPTED | VISUALLY_PROMPTED) == 25
-    assert names(list_models()) == TEXTUALLY_PROMPTED | VISUALLY_PROMPTED
+    assert len(TEXTUALLY_PROMPTED | VISUALLY_PROMPTED) == 26
+    assert names(list_models()) == TEXTUALLY_PROMPTED | VISUALLY_PROMPTED | MEDFM_MODELS
 
 
 def test_every_card_validates_and_matches_its_file():
     cards = _load_cards(CARDS_DIR)
-    assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 25
+    assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 26 + len(MEDFM_MODELS)
     for card in cards:
         on_disk = json.loads((CARDS_DIR / f"{card.id}.json").read_text(encoding="utf-8"))
         assert card.to_dict() == on_disk
@@ -69,7 +71,7 @@ def test_support_tells_the_truth_today():
 
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
     running = list_models(support="runs-published-weights")
-    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero"}
+    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero", "biomedclip"}
     for card in running:
         assert card.medfm_names and all(
             PRETRAINED[name].card == card.id if name in PRETRAINED else name in PUBLISHED_MODELS for name in card.medfm_names
@@ -78,8 +80,24 @@ def test_support_tells_the_truth_today():
     # prior-image fusion is built and tested, its weights not loaded
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"}
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
-    # MedCLIP's semantic-matching loss trains medfm's dual encoders
-    assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip"}
+    # MedCLIP's semantic-matching loss trains medfm's dual encoders; AutoSAM's prompt generator is a recipe
+    from medfm.clip import semantic_matching_loss  # noqa: F401 - MedCLIP's recipe exists
+    from medfm.segment.variants import RECIPES
+
+    assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip", "autosam"}
+    assert "autoprompt" in RECIPES and "--recipe autoprompt" in get_card("autosam").notes
+    # SAM-U and the zero-shot study run over loaded models: the commands their cards name exist
+    from medfm.segment.uncertainty import predict_with_uncertainty  # noqa: F401 - SAM-U
+
+    assert {card.id for card in list_models(support="runs-as-method")} == {"sam-u", "sam-zero-shot-study"}
+    assert (Path(__file__).parents[1] / "benchmarks" / "zero_shot_study.py").is_file()
+    # medfm's own models ship in the package and load by the names their cards give
+    from medfm.clip.model import DEFAULT_MODEL as CLIP_DEFAULT
+    from medfm.segment.model import BUNDLED, DEFAULT_MODEL
+
+    trained = list_models(support="medfm-trained")
+    assert {name for card in trained for name in card.medfm_names} == {*BUNDLED, CLIP_DEFAULT} >= {DEFAULT_MODEL}
+    assert "default" not in get_card("litemedsam").notes.split("medfm's default")[0].lower()
     assert {card.support for card in list_models()} == set(SUPPORT_LEVELS)
     assert all(card.weights is None for card in list_models(support="closed-weights"))
 
@@ -91,9 +109,9 @@ def test_to_dict_is_json_with_lists():
 
 
 def test_filter_by_category_and_subcategory():
-    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED
-    assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED
-    assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T"}
+    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED | {"medfm-clip-small"}
+    assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED | {"medfm-litemedsam-ft"}
+    assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T", "BiomedCLIP", "medfm-clip-small"}
     assert names(list_models(category="hybrid")) == {"MedBLIP"}
 
 
@@ -105,14 +123,14 @@ def test_filter_by_modality_is_case_insensitive():
 
 
 def test_filter_by_prompt_box_gives_the_sam_family():
-    assert names(list_models(prompt="box")) == SAM_FAMILY
+    assert names(list_models(prompt="box")) == SAM_FAMILY | {"medfm-litemedsam-ft"}
     assert names(list_models(prompt="mask")) == {"SAM", "SAM-Med2D"}
     assert names(list_models(prompt="none")) == {"SAMed", "AutoSAM", "Clinical-BERT"}
 
 
 def test_filters_combine_and_results_are_sorted():
     assert names(list_models(category="visually-prompted", modality="CT", prompt="box")) == {
-        "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM zero-shot study",
+        "MedSAM", "LiteMedSAM", "medfm-litemedsam-ft", "SAM-Med2D", "Medical SAM Adapter", "SAM zero-shot study",
     }
     cards = list_models()
     assert cards == sorted(cards, key=lambda card: (card.category, card.name.lower()))
@@ -155,9 +173,11 @@ def test_unknown_name_suggests_close_matches():
 
 def test_cards_table_rows():
     [row] = cards_table_rows([get_card("sam-med2d")])
-    assert row[:3] == ["SAM-Med2D", "2023", "visually-prompted/adaptation"]
-    assert row[4:] == ["box, point, mask", "runs-published-weights"]
-    assert cards_table_rows([get_card("gmai")])[0][3:5] == ["-", "-"]
+    assert len(row) == len(CARD_TABLE_COLUMNS) and CARD_TABLE_COLUMNS[1] == "--model"
+    assert row[:4] == ["SAM-Med2D", "sam-med2d", "2023", "visually-prompted/adaptation"]
+    assert row[5:] == ["box, point, mask", "runs-published-weights"]
+    assert cards_table_rows([get_card("gmai")])[0][1] == "-"
+    assert cards_table_rows([get_card("gmai")])[0][4:6] == ["-", "-"]
 
 
 # -- malformed cards: the loader names the file and the problem ------------------------------------

@@ -165,7 +165,8 @@ def test_reference_labels_are_matched_by_value() -> None:
 
 
 def test_untrained_prompt_types_warn_in_one_line(tiny_model, monkeypatch, tmp_path) -> None:
-    boxes_only = type(tiny_model)(tiny_model.network, tiny_model.preprocess, "boxes-only", "litemedsam", ("box",))
+    boxes_only = type(tiny_model)(tiny_model.network, tiny_model.preprocess, "boxes-only", "litemedsam",
+                                  trained_prompts=("box",))
     monkeypatch.setattr(medfm.segment.run, "load", lambda *a, **k: boxes_only)
     result = run_medfm("segment", str(PNG), "--point", "240", "120", "-o", str(tmp_path / "m.png"))
     assert result.returncode == 0, result.stderr
@@ -206,9 +207,11 @@ def test_version_help_and_plain_output_off_a_terminal(tmp_path) -> None:
     assert "serve" not in run_medfm("--help").stdout  # not advertised until it exists
     models = run_medfm("models")
     lines = models.stdout.splitlines()
-    assert lines[1].split("\t") == ["name", "year", "category", "modalities", "prompts", "support"]
+    from medfm.catalog import CARD_TABLE_COLUMNS
+
+    assert lines[1].split("\t") == list(CARD_TABLE_COLUMNS)
     cards = medfm.list_models()
-    assert len(lines) == 2 + len(cards) and all(line.count("\t") == 5 for line in lines[1:])
+    assert len(lines) == 2 + len(cards) and all(line.count("\t") == len(CARD_TABLE_COLUMNS) - 1 for line in lines[1:])
     assert {line.split("\t")[0] for line in lines[2:]} == {card.name for card in cards}  # no cell cut short
     deep = tmp_path / ("a_rather_long_folder_name_" * 4) / "busi_benign_001.png"
     deep.parent.mkdir()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from medfm.errors import InputFileError
-from medfm.evaluate.datasets import (
+from medfm.data.datasets import (
     Case,
     discover_cases,
     normalise_modality,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from medfm.evaluate.report import comparison_table, write_outputs
+from medfm.evaluate.report import comparison_table, crop_window, structure_table, write_outputs
 from medfm.evaluate.runner import CaseResult, evaluate, summarize
 from tests.test_cli import run_medfm
 from tests.test_predictor import needs_litemedsam, tiny_model  # noqa: F401 - fixture
@@ -29,6 +29,30 @@ def test_summary_means_medians_and_questionable_prompts_by_hand() -> None:
     assert header == ["dataset", "m Dice / NSD"] and body[-1][0] == "mean over datasets"
 
 
+def test_structures_are_not_pooled_and_the_table_names_units() -> None:
+    rows = [_row("ct", 0.9), _row("ct", 0.5), _row("us", 0.6)]
+    rows[1].target = "tumour"
+    rows[2].spacing_assumed = True
+    entry = summarize(rows)["m"]
+    assert entry["structures"]["ct"]["t"]["dice"]["mean"] == pytest.approx(0.9)
+    assert entry["structures"]["ct"]["tumour"]["dice"]["mean"] == pytest.approx(0.5)
+    header, body = structure_table(entry, ["us"])
+    assert header[-1] == "HD95 median" and [r[:3] for r in body] == [["ct", "t", "1"], ["ct", "tumour", "1"], ["us", "t", "1"]]
+    assert body[0][-1] == "3.0 mm" and body[2][-1] == "3.0 px"
+
+
+def test_crop_window_holds_the_target_and_its_box_with_a_margin() -> None:
+    region = np.zeros((200, 300), bool)
+    region[100:104, 150:156] = True  # a 6 x 4 px target
+    from medfm.prompts import Box
+
+    x0, y0, x1, y1 = crop_window(region, Box(148, 98, 160, 106), region.shape)
+    assert x0 < 148 and y0 < 98 and x1 > 160 and y1 > 106  # box and target inside
+    assert x1 - x0 < 60 and y1 - y0 < 60  # zoomed, not the whole image
+    assert crop_window(np.zeros((5, 7), bool), None, (5, 7)) == (0, 0, 6, 4)
+    assert crop_window(np.ones((5, 7), bool), None, (5, 7)) == (0, 0, 6, 4)  # clipped to the image
+
+
 def test_runner_on_real_2d_and_3d_cases(seg_data, tiny_model, tmp_path) -> None:
     evaluation = evaluate([tiny_model], seg_data, datasets=["busi_breast_ultrasound", "volumes3d_ct_mri"], limit_per_dataset=1,
                           prompt="box")
@@ -43,8 +67,16 @@ def test_runner_on_real_2d_and_3d_cases(seg_data, tiny_model, tmp_path) -> None:
         assert len(list(csv.DictReader(handle))) == len(evaluation.rows)
     summary = json.loads(paths["summary"].read_text())
     assert summary["cases"] == 2 and set(summary["models"]["tiny"]["datasets"]) == by_dataset
+    assert summary["tolerance_mm"] == 2.0 and summary["spacing_assumed_datasets"] == ["busi_breast_ultrasound"]
+    assert summary["seconds"] >= summary["evaluation_seconds"] + summary["report_seconds"] - 0.01
+    assert len(summary["model_weights"]["tiny"]) == 12
+    structures = summary["models"]["tiny"]["structures"]
+    assert set(structures) == by_dataset and len(structures["volumes3d_ct_mri"]) == len(volume_rows)
     report = paths["report"].read_text()
     assert report.count("<img") >= 3 and "busi_breast_ultrasound" in report
+    for text in ("href='cases.csv'", "HD95 median", "IoU mean", "tolerance of 2 mm", "1 px taken as 1 mm",
+                 summary["model_weights"]["tiny"], "re-segmenting the gallery"):
+        assert text in report
 
 
 def test_sam_u_rows_carry_uncertainty(seg_data, tiny_model) -> None:

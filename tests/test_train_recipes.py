@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 
 import medfm
 from medfm.errors import MedfmError
-from medfm.evaluate.datasets import discover_cases
+from medfm.data.datasets import discover_cases
 from medfm.preprocess import LITEMEDSAM_PREPROCESS
 from medfm.segment.model import SegmentationModel
 from medfm.segment.sam import build_sam
 from medfm.train import Recipe, TrainConfig
 from medfm.train.data import SampleOptions, SegmentationSamples, sample_refs
-from medfm.train.recipes import merge_for_inference
+from medfm.segment.variants import merge_for_inference
 from medfm.train.trainer import Trainer
 
 TINY = {"embed_dims": (16, 24, 32, 40), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 2), "window_sizes": (7, 7, 7, 7)}

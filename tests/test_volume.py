@@ -18,7 +18,7 @@ import medfm.segment.run  # imported before a test patches medfm.segment.model.l
 import medfm.segment.volume
 from medfm.cli import main
 from medfm.errors import OptionError, PromptError
-from medfm.evaluate.datasets import Case
+from medfm.data.datasets import Case
 from medfm.io import MedicalImage
 from medfm.prompts import Box, Box3D
 from medfm.segment.volume import VolumePrompt, prompts_from_labels, segment_volume

@@ -99,14 +99,13 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The catalog: every system of the survey and what medfm supports of it."""
-    from medfm.catalog import cards_table_rows
+    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows
 
     cards = medfm.list_models(category=category, modality=modality, prompt=prompt, support=support)
     if as_json:
         print(json.dumps([card.to_dict() for card in cards], indent=2))
         return
-    _print_table(f"{len(cards)} systems", ("name", "year", "category", "modalities", "prompts", "support"),
-                 cards_table_rows(cards))
+    _print_table(f"{len(cards)} systems", CARD_TABLE_COLUMNS, cards_table_rows(cards))
 
 
 @app.command()
@@ -205,8 +204,9 @@ def evaluate(
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,
                                 progress=True)
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
-    header, body = comparison_table(json.loads(paths["summary"].read_text())["models"])
-    _print_table(f"{len(evaluation.cases)} cases in {evaluation.seconds:.0f} s", header, body)
+    written = json.loads(paths["summary"].read_text())
+    header, body = comparison_table(written["models"])
+    _print_table(f"{len(evaluation.cases)} cases in {written['seconds']:.0f} s (report included)", header, body)
     _say(f"wrote {paths['cases']}, {paths['summary']}, {paths['report']}")
 
 

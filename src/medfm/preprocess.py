@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from medfm.intensity import IntensityPreset, default_preset, scaler
 
 RESIZE_MODES = {"longest-side", "stretch"}
-INTERPOLATIONS = {"area", "pil-bilinear", "skimage-cubic-aa"}
+INTERPOLATIONS = {"area", "nearest", "pil-bilinear", "skimage-cubic-aa"}
+CHANNEL_ORDERS = {"rgb", "bgr"}
 NORMALIZATIONS = {"minmax", "mean-std"}
 UPSAMPLINGS = {"crop-then-resize", "pad-resize-crop-resize"}
 
@@ -32,9 +33,13 @@ UPSAMPLINGS = {"crop-then-resize", "pad-resize-crop-resize"}
 class PreprocessConfig:
     """The preprocessing a checkpoint was trained with.
 
-    ``interpolation``: ``"area"`` is OpenCV's INTER_AREA (LiteMedSAM), ``"pil-bilinear"`` is PIL's
+    ``interpolation``: ``"area"`` is OpenCV's INTER_AREA (LiteMedSAM), ``"nearest"`` OpenCV's
+    INTER_NEAREST (SAM-Med2D's ``SammedPredictor``), ``"pil-bilinear"`` is PIL's
     antialiased bilinear on uint8 (segment-anything's ``ResizeLongestSide``), ``"skimage-cubic-aa"``
     is scikit-image's order-3 resize with anti-aliasing, rounded back to uint8 (MedSAM).
+    ``channel_order``: ``"bgr"`` reverses the colour channels before anything else (SAM-Med2D reads
+    and trains on ``cv2.imread``'s BGR images with SAM's RGB-ordered statistics); grey images are
+    unaffected.
     ``normalization``: ``"minmax"`` scales the resized image to [0, 1] over all its pixels;
     ``"mean-std"`` subtracts ``pixel_mean`` and divides by ``pixel_std`` (0-255 scale).
     ``box_rounding``: ``"truncate"`` floors scaled box corners to integers (LiteMedSAM's
@@ -56,6 +61,7 @@ class PreprocessConfig:
     upsampling: str = "crop-then-resize"
     upsample_probabilities: bool = False
     mask_threshold: float = 0.0
+    channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
         for value, allowed in [
@@ -64,6 +70,7 @@ class PreprocessConfig:
             (self.normalization, NORMALIZATIONS),
             (self.upsampling, UPSAMPLINGS),
             (self.box_rounding, {"truncate", "none"}),
+            (self.channel_order, CHANNEL_ORDERS),
         ]:
             if value not in allowed:
                 raise ValueError(f"unknown preprocessing option '{value}'; choose one of {sorted(allowed)}")
@@ -85,14 +92,6 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 LITEMEDSAM_PREPROCESS = PreprocessConfig()
-MEDSAM_PREPROCESS = PreprocessConfig(
-    image_size=1024,
-    resize="stretch",
-    interpolation="skimage-cubic-aa",
-    box_rounding="none",
-    upsample_probabilities=True,
-)
-SAM_PREPROCESS = PreprocessConfig()
 MEDSAM_PREPROCESS = PreprocessConfig(
     image_size=1024,
     resize="stretch",
@@ -216,10 +215,11 @@ class Geometry:
 
 def _resize(rgb: np.ndarray, new_hw: tuple[int, int], interpolation: str) -> np.ndarray:
     new_h, new_w = new_hw
-    if interpolation == "area":
+    if interpolation in ("area", "nearest"):
         import cv2
 
-        return cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        flag = cv2.INTER_AREA if interpolation == "area" else cv2.INTER_NEAREST
+        return cv2.resize(rgb, (new_w, new_h), interpolation=flag)
     if interpolation == "skimage-cubic-aa":
         from skimage.transform import resize
 
@@ -244,6 +244,8 @@ def prepare(rgb: np.ndarray, config: PreprocessConfig) -> tuple[torch.Tensor, Ge
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"prepare() takes a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
     original_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+    if config.channel_order == "bgr":
+        rgb = np.ascontiguousarray(rgb[..., ::-1])
     new_hw = resized_shape(original_hw, config)
     resized = _resize(rgb, new_hw, config.interpolation)
     if config.normalization == "minmax":

@@ -33,8 +33,13 @@ TASKS = (
 )
 PROMPT_TYPES = ("box", "point", "mask", "text", "none")
 # What medfm supports of a system today: nothing yet ("planned"), the architecture with random
-# weights, the published weights, a training recipe; or nothing it can run (no public weights).
-SUPPORT_LEVELS = ("planned", "architecture", "runs-published-weights", "trainable-recipe", "closed-weights")
+# weights, the published weights, a training recipe, a training-free method or study that medfm
+# runs over the models it loads, weights medfm trained and ships; or nothing it can run (no public
+# weights).
+SUPPORT_LEVELS = (
+    "planned", "architecture", "runs-published-weights", "trainable-recipe", "runs-as-method", "medfm-trained",
+    "closed-weights",
+)
 
 _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}")
@@ -122,11 +127,16 @@ def get_card(name: str) -> ModelCard:
     return card
 
 
+#: the columns of `cards_table_rows`; ``--model`` holds the names ``medfm.load``/``--model`` take
+CARD_TABLE_COLUMNS = ("name", "--model", "year", "category", "modalities", "prompts", "support")
+
+
 def cards_table_rows(cards: list[ModelCard]) -> list[list[str]]:
-    """One row per card: name, year, category/subcategory, modalities, prompts, support."""
+    """One row per card, in the order of `CARD_TABLE_COLUMNS`."""
     return [
         [
             card.name,
+            ", ".join(card.medfm_names) or "-",
             str(card.year),
             f"{card.category}/{card.subcategory}",
             ", ".join(card.modalities) or "-",

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfm.evaluate.datasets import Case, discover_cases
+from medfm.data.datasets import Case, discover_cases
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
 from medfm.intensity import window_for_target
 from medfm.io import read_image
+from medfm.io.readers import PHOTO_SUFFIXES
 from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
 from medfm.prompts import Box3D
@@ -53,15 +54,18 @@ class CaseResult:
     note: str | None = None
     uncertainty_auc: float | None = None
     mean_uncertainty: float | None = None
+    #: the file states no physical spacing (PNG, JPEG, ...): NSD and HD95 are in pixels, 1 px = 1 mm
+    spacing_assumed: bool = False
 
 
 @dataclass
 class Evaluation:
-    """All rows, the cases they came from, and the wall time."""
+    """All rows, the cases they came from, the NSD tolerance they were scored at, and the wall time."""
 
     rows: list[CaseResult] = field(default_factory=list)
     cases: dict[tuple[str, str], Case] = field(default_factory=dict)
     seconds: float = 0.0
+    tolerance_mm: float = 2.0
 
 
 def evaluate(
@@ -89,7 +93,7 @@ def evaluate(
         cases = [c for c in data if datasets is None or c.dataset in datasets]
     loaded = [m if isinstance(m, SegmentationModel) else load(m) for m in models]
     owners = encoder_owners(loaded)
-    evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases})
+    evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases}, tolerance_mm=tolerance_mm)
     started = time.perf_counter()
     with progress_bar(progress, len(cases), "evaluating cases") as advance:
         for case in cases:
@@ -112,6 +116,7 @@ def _row(model: SegmentationModel, case: Case, label: int, prompt: str, metrics:
     return CaseResult(
         model=model.name, dataset=case.dataset, modality=case.modality, case=case.case_id, label=label,
         target=case.label_names.get(label, f"label {label}"), prompt=prompt, seconds=seconds,
+        spacing_assumed=case.image_path.suffix.lower() in PHOTO_SUFFIXES,
         **{k: float(metrics[k]) for k in METRICS}, **extra,
     )
 
@@ -234,8 +239,9 @@ def run_name(row: CaseResult, several_prompts: bool) -> str:
 
 
 def summarize(rows: Sequence[CaseResult]) -> dict:
-    """Per run (model, or model and prompt mode): per dataset and per modality n, mean and median of
-    each metric; the mean over datasets; how many questionable prompts were kept out; with SAM-U
+    """Per run (model, or model and prompt mode): per dataset, per structure of each dataset (liver,
+    spleen and tumour are not pooled) and per modality n, mean and median of each metric; the mean
+    over datasets; how many questionable prompts were kept out; with SAM-U
     rows, how well the uncertainty predicts errors (pixel AUC) and how it correlates with Dice."""
     several = len({r.prompt for r in rows if r.prompt != "box3d"}) > 1
     summary: dict = {}
@@ -244,6 +250,9 @@ def summarize(rows: Sequence[CaseResult]) -> dict:
         per_dataset = {name: _stats([r for r in scored if r.dataset == name]) for name in sorted({r.dataset for r in scored})}
         entry = {
             "datasets": per_dataset,
+            "structures": {name: {target: _stats([r for r in scored if r.dataset == name and r.target == target])
+                                  for target in sorted({r.target for r in scored if r.dataset == name})}
+                           for name in per_dataset},
             "modalities": {name: _stats([r for r in scored if (r.modality or "unknown") == name])
                            for name in sorted({r.modality or "unknown" for r in scored})},
             "mean_over_datasets": {m: float(np.mean([d[m]["mean"] for d in per_dataset.values()])) for m in METRICS}

@@ -25,6 +25,7 @@ import pickle
 import re
 import types
 from collections.abc import Mapping
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medfm.errors import CheckpointError
+from medfm.intensity import IntensityPreset
 from medfm.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD, PreprocessConfig
 from medfm.segment.adapters import LoRAViTConfig, MSAViTConfig, SamMed2DViTConfig
 from medfm.segment.checkpoints import (
@@ -54,13 +56,14 @@ ADAPTED_CONFIGS: dict[str, SamCoreConfig] = {
     "samed_vit_b": SamCoreConfig(encoder=LoRAViTConfig(**_VIT_B), image_size=512, num_multimask_outputs=8),
 }
 
-#: SAM-Med2D's ``SammedPredictor``: stretch to 256 x 256 with OpenCV's INTER_NEAREST (done by
-#: :class:`medfm.segment.adapted_predictor.SamMed2DPredictor`, so the resize below is the
-#: identity), ImageNet mean/std on 0-255, low-res logits bilinearly to 256 then to the input.
+#: SAM-Med2D's ``SammedPredictor``: BGR channel order (``cv2.imread``), stretch to 256 x 256 with
+#: OpenCV's INTER_NEAREST, ImageNet mean/std on 0-255, low-res logits bilinearly to 256 then to the
+#: input.
 SAM_MED2D_PREPROCESS = PreprocessConfig(
     image_size=256,
     resize="stretch",
-    interpolation="area",
+    interpolation="nearest",
+    channel_order="bgr",
     normalization="mean-std",
     pixel_mean=SAM_PIXEL_MEAN,
     pixel_std=SAM_PIXEL_STD,
@@ -96,6 +99,35 @@ SAMED_PREPROCESS = PreprocessConfig(
 
 #: SAMed's Synapse labels (``test.py``'s ``class_to_name``), 0 being background.
 SYNAPSE_CLASSES = ("background", "spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas")
+
+
+@dataclass(frozen=True)
+class SemanticSettings:
+    """What a prompt-free multi-class checkpoint needs beyond its `PreprocessConfig`; a model with
+    these gets `medfm.segment.adapted_predictor.SemanticPredictor` and its ``predict_classes()``.
+
+    ``input_size``: the resolution it was trained at (SAMed: 224 x 224 slices, zoomed to 512);
+    every slice passes through it first, as in SAMed's test script. ``ct_window``: the default
+    intensity mapping for CT.
+    """
+
+    class_names: tuple[str, ...]
+    input_size: int | None
+    ct_window: IntensityPreset
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for a model's ``config.json``."""
+        return {"class_names": list(self.class_names), "input_size": self.input_size,
+                "ct_window": dataclasses.asdict(self.ct_window)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SemanticSettings:
+        """Inverse of `to_dict`."""
+        return cls(tuple(values["class_names"]), values["input_size"], IntensityPreset(**values["ct_window"]))
+
+
+#: SAMed's Synapse model: training slices of 224 px, CT clipped to [-125, 275] HU.
+SAMED_SEMANTIC = SemanticSettings(SYNAPSE_CLASSES, 224, IntensityPreset("window", level=75.0, width=400.0))
 
 
 def build_adapted(arch: str, **overrides: Any) -> SamCore:

@@ -1,20 +1,19 @@
-"""Predictors for adapted SAMs whose input pipeline the generic `Predictor` cannot express.
+"""The predictor for adapted SAMs whose input pipeline the generic `Predictor` cannot express.
 
-- :class:`SamMed2DPredictor`: SAM-Med2D's ``SammedPredictor`` resizes with OpenCV's
-  INTER_NEAREST, and SAM-Med2D reads (``cv2.imread``) and trains on BGR images normalised with
-  SAM's RGB-ordered mean/std, so colour images go in as BGR. Grey images are unaffected.
+(SAM-Med2D's BGR order and INTER_NEAREST stretch are fields of its `PreprocessConfig`, so the
+generic `Predictor` serves it.)
+
 - :class:`SemanticPredictor`: SAMed's prompt-free multi-class segmentation, ``predict_classes()``
   -> a label map on the input grid, reproducing SAMed's ``test_single_volume``: a [0, 1] slice
   (CT clipped to [-125, 275] HU), cubic-spline zoom to the training resolution (224) and then
   to the network's 512, all ``num_classes + 1`` masks decoded without a prompt, logits bilinearly
   to 512, argmax, and a nearest-neighbour zoom back to the input size.
 
-Prompted ``predict`` works on both as on any SAM (with the geometry set here).
+Prompted ``predict`` works on it as on any SAM (with the geometry set here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,45 +23,12 @@ import torch.nn.functional as F
 from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset, default_preset, scaler
 from medfm.io import MedicalImage
-from medfm.preprocess import Geometry, SliceValues, prepare
-from medfm.segment.adapted import SYNAPSE_CLASSES, decode_all_masks
+from medfm.preprocess import Geometry, SliceValues
+from medfm.segment.adapted import decode_all_masks
 from medfm.segment.predictor import Predictor, per_slice
 
 if TYPE_CHECKING:
     from medfm.segment.model import SegmentationModel
-
-class SamMed2DPredictor(Predictor):
-    """SAM-Med2D's preprocessing: BGR order, INTER_NEAREST stretch to 256, SAM's mean/std."""
-
-    def _prepare_slice(self, rgb: np.ndarray) -> tuple[torch.Tensor, Geometry]:
-        import cv2
-
-        size = self.model.preprocess.image_size
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
-        resized = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_NEAREST)
-        pixels, _ = prepare(resized, self.model.preprocess)  # already at size: normalisation only
-        return pixels, Geometry((int(rgb.shape[0]), int(rgb.shape[1])), (size, size), self.model.preprocess)
-
-
-@dataclass(frozen=True)
-class SemanticSettings:
-    """What a prompt-free multi-class checkpoint needs beyond its `PreprocessConfig`.
-
-    ``input_size``: the resolution it was trained at (SAMed: 224 x 224 slices, zoomed to 512);
-    every slice passes through it first, as in SAMed's test script. ``ct_window``: the default
-    intensity mapping for CT.
-    """
-
-    class_names: tuple[str, ...]
-    input_size: int | None
-    ct_window: IntensityPreset
-
-
-#: SAMed's Synapse model: training slices of 224 px, CT clipped to [-125, 275] HU.
-SEMANTIC_SETTINGS: dict[str, SemanticSettings] = {
-    "samed_vit_b": SemanticSettings(SYNAPSE_CLASSES, 224, IntensityPreset("window", level=75.0, width=400.0)),
-}
-
 
 class SemanticPredictor(Predictor):
     """``set_image`` then ``predict_classes()``: one label per pixel, 0 for background.
@@ -73,7 +39,9 @@ class SemanticPredictor(Predictor):
 
     def __init__(self, model: SegmentationModel, **options: Any) -> None:
         super().__init__(model, **options)
-        self.settings = SEMANTIC_SETTINGS[model.arch]
+        if model.semantic is None:
+            raise PromptError(f"{model.name} is not a prompt-free multi-class model (its config has no 'semantic' section)")
+        self.settings = model.semantic
         self._class_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (embedding, logits)
 
     @property
@@ -135,8 +103,6 @@ class SemanticPredictor(Predictor):
 
 def predictor_for(model: SegmentationModel, **options: Any) -> Predictor:
     """The predictor a model's architecture needs, with `Predictor`'s options."""
-    if model.arch in SEMANTIC_SETTINGS:
+    if model.semantic is not None:
         return SemanticPredictor(model, **options)
-    if model.arch == "sam_med2d_vit_b":
-        return SamMed2DPredictor(model, **options)
     return Predictor(model, **options)

@@ -37,6 +37,8 @@ from medfm.segment.adapted import (
     SAM_MED2D_PREPROCESS,
     SAMED_LORA_HINT,
     SAMED_PREPROCESS,
+    SAMED_SEMANTIC,
+    SemanticSettings,
     build_any,
     detect_adapted_layout,
     load_adapted_checkpoint,
@@ -50,7 +52,9 @@ from medfm.segment.sam import SamCore
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+#: 2: SAM-Med2D's BGR order and INTER_NEAREST resize became fields of the preprocessing config, and
+#: SAMed's class names, training resolution and CT window a "semantic" section
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class PretrainedSpec:
     description: str
     filename: str | None = None
     extra: tuple[ExtraFile, ...] = ()
+    #: prompt-free multi-class checkpoints (SAMed): class names, training resolution, CT window
+    semantic: SemanticSettings | None = None
     #: the prompt types the weights were trained with ("box", "point", "mask"; none: prompt-free)
     prompts: tuple[str, ...] = ("box",)
 
@@ -150,6 +156,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
                     "samed_lora_epoch_159.pth", None, "SAMed's LoRA checkpoint (epoch_159.pth)",
                 ),
             ),
+            semantic=SAMED_SEMANTIC,
             prompts=(),
         ),
     ]
@@ -176,6 +183,7 @@ class SegmentationModel:
     preprocess: PreprocessConfig
     name: str
     arch: str
+    semantic: SemanticSettings | None = None
     #: the prompt types the weights were trained with (None: unknown); others get a warning
     trained_prompts: tuple[str, ...] | None = None
 
@@ -198,7 +206,7 @@ class SegmentationModel:
         ``training`` (``{"base": <registry name or folder>, "recipe": {...}, ...}``, from
         `medfm.train`) is recorded in the config. With ``only``, just those state-dict keys are
         written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
-        modules on it and loads these tensors (`medfm.train.recipes.rebuild_from_delta`).
+        modules on it and loads these tensors (`medfm.segment.variants.rebuild_from_delta`).
         """
         from medfm.io.writers import write_model_folder
 
@@ -212,6 +220,8 @@ class SegmentationModel:
             "network": _jsonable(dataclasses.asdict(self.network.config)),
             "preprocess": self.preprocess.to_dict(),
         }
+        if self.semantic is not None:
+            config["semantic"] = self.semantic.to_dict()
         if self.trained_prompts is not None:
             config["trained_prompts"] = list(self.trained_prompts)
         if training is not None:
@@ -231,7 +241,7 @@ class SegmentationModel:
         try:
             config = json.loads((directory / CONFIG_NAME).read_text())
             network = None if config.get("delta") else build_any(config["arch"], **_network_overrides(config["network"]))
-            preprocess = PreprocessConfig.from_dict(config["preprocess"])
+            preprocess, semantic = _pipeline(config)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm model config ({error})") from error
         try:
@@ -239,7 +249,7 @@ class SegmentationModel:
         except (OSError, RuntimeError, SafetensorError) as error:
             raise CheckpointError(directory / WEIGHTS_NAME, f"cannot read the weights ({error})") from error
         if config.get("delta"):
-            from medfm.train.recipes import rebuild_from_delta
+            from medfm.segment.variants import rebuild_from_delta
 
             network = rebuild_from_delta(config, state, str(directory / WEIGHTS_NAME))
         else:
@@ -247,8 +257,22 @@ class SegmentationModel:
         prompts = config.get("trained_prompts")
         if prompts is None and config.get("base") in PRETRAINED:  # a fine-tune saved before configs said so
             prompts = PRETRAINED[config["base"]].prompts
-        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"],
+        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic,
                    None if prompts is None else tuple(prompts))
+
+
+def _pipeline(config: dict) -> tuple[PreprocessConfig, SemanticSettings | None]:
+    """A folder's preprocessing and semantic settings. Before format 2 a predictor of their own
+    applied SAM-Med2D's pipeline (nearest, BGR; the config said ``"area"``) and SAMed's semantic
+    settings, so format-1 folders of those architectures get them here."""
+    preprocess = PreprocessConfig.from_dict(config["preprocess"])
+    semantic = SemanticSettings.from_dict(config["semantic"]) if "semantic" in config else None
+    if config.get("medfm_format", 1) < 2:
+        if config.get("arch") == "sam_med2d_vit_b":
+            preprocess = dataclasses.replace(preprocess, interpolation="nearest", channel_order="bgr")
+        if config.get("arch") == "samed_vit_b":
+            semantic = SAMED_SEMANTIC
+    return preprocess, semantic
 
 
 def _jsonable(value: object) -> object:
@@ -332,7 +356,7 @@ def load(
         preprocess = spec.preprocess
         if preprocess.image_size != network.config.image_size:  # a model trained at another size
             preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
-        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.prompts).to(device)
+        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.semantic, spec.prompts).to(device)
     if lora is not None or overrides:
         raise MedfmError(
             "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"

@@ -220,7 +220,7 @@ class SamCore(nn.Module):
 
     def prompt_embeddings(self, image_embedding: Tensor, sparse: Tensor | None, dense: Tensor) -> tuple[Tensor | None, Tensor]:
         """The prompt encoder's sparse (N, 1, K, C) and dense (N or 1, C, E, E) embeddings as the
-        decoder gets them; a prompt generator (AutoSAM, `medfm.train.recipes`) replaces them here."""
+        decoder gets them; a prompt generator (AutoSAM, `medfm.segment.variants`) replaces them here."""
         return sparse, dense
 
     def _prompt_count(

@@ -1,10 +1,10 @@
 """Adapting SAM-family models to your own data: the survey's recipes, one training loop.
 
 ``medfm train --recipe full|decoder|lora|adapter|autoprompt --base MODEL --data DIR -o RUN_DIR``;
-see `medfm.train.recipes` for what each recipe trains and `medfm.train.trainer` for the loop.
+see `medfm.segment.variants` for what each recipe trains and `medfm.train.trainer` for the loop.
 """
 
-from medfm.train.recipes import RECIPES, Recipe
+from medfm.segment.variants import RECIPES, Recipe
 from medfm.train.trainer import TrainConfig, TrainResult, train
 
 __all__ = ["RECIPES", "Recipe", "TrainConfig", "TrainResult", "train"]

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from medfm.errors import InputFileError
-from medfm.evaluate.datasets import Case
+from medfm.data.datasets import Case
 from medfm.io import read_image
 from medfm.preprocess import PreprocessConfig, prepare, resized_shape, to_uint8_rgb
 

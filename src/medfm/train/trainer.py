@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from medfm.errors import InputFileError, MedfmError
-from medfm.evaluate.datasets import discover_cases, split_cases
+from medfm.data.datasets import discover_cases, split_cases
 from medfm.progress import progress_bar
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
 from medfm.segment.sam import SamCore
@@ -47,13 +47,8 @@ from medfm.train.data import (
     SegmentationSamples,
     sample_refs,
 )
-from medfm.train.recipes import (
-    Recipe,
-    apply_recipe,
-    delta_keys,
-    freeze_frozen_norms,
-    trainable_parameters,
-)
+from medfm.segment.variants import Recipe, apply_recipe, delta_keys
+from medfm.train.recipes import freeze_frozen_norms, trainable_parameters
 
 PROMPTS = ("box", "clicks", "none")
 STATE_NAME = "state.pt"
@@ -340,7 +335,7 @@ class Trainer:
         recipe = self.config.recipe
         this_run = {"box": ("box",), "clicks": ("point",), "none": ()}[self.mode]
         trained = tuple(dict.fromkeys([*(self.base.trained_prompts or ()), *this_run]))  # the base's and this run's
-        model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch, trained)
+        model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch, self.base.semantic, trained)
         training = {"base": self.base_id, "recipe": recipe.to_dict(), "epochs_trained": epoch, "val_dice": val_dice}
         model.save_pretrained(directory, training=training, only=self.trained if recipe.saves_delta else None)
 
