@@ -23,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # rich panels on a terminal; click's plain help and usage errors in files, pipes and logs
+    rich_markup_mode="rich" if sys.stdout.isatty() and sys.stderr.isatty() else None,
 )
 
 
