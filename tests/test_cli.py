@@ -29,9 +29,8 @@ def test_the_installed_entry_point_prints_one_line_errors(tmp_path) -> None:
     """One real process: ``python -m medfm`` exits 2 with one line and no traceback."""
     result = subprocess.run([sys.executable, "-m", "medfm", "info", str(tmp_path / "missing.png")],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: file not found"] or \
-        len(result.stderr.strip().splitlines()) == 1
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and line.startswith(f"error: {tmp_path / 'missing.png'}: ")
 
 
 def test_info_json_on_bundled_samples() -> None:
