@@ -146,6 +146,9 @@ def test_constant_images_and_zero_area_boxes_are_refused_by_cli_and_api(tmp_path
 
     with pytest.raises(InputFileError, match="constant"):
         segment_volume(tiny_model.predictor(), flat, [Box3D(1, 1, 0, 9, 9, 3)])
+    flat.array[:, :, 8:] = 9
+    with pytest.raises(PromptError, match="zero area"):
+        segment_volume(tiny_model.predictor(), flat, [Box3D(4, 1, 0, 4, 9, 3)])
 
 
 def test_reference_labels_are_matched_by_value() -> None:

@@ -125,12 +125,13 @@ def segment_volume(
     if not image.is_volume:
         raise PromptError(f"{image.path or 'the image'} is not a volume; 3D boxes need a (Z, Y, X) image")
     check_has_contrast(image)
+    prompts = list(prompts)
+    for prompt in prompts:
+        if isinstance(prompt, Box3D):  # a user's box; a `VolumePrompt` from a label map may be one voxel wide
+            prompt.box2d().check_area()
     prompts = [p if isinstance(p, VolumePrompt) else VolumePrompt(p, label) for label, p in enumerate(prompts, start=1)]
     if not prompts:
         raise PromptError("no 3D box given")
-    for prompt in prompts:
-        if prompt.start_box is None:  # a user's box; one from a label map may be one voxel wide
-            prompt.box.box2d().check_area()
     depth, height, width = image.spatial_shape
     for prompt in prompts:
         prompt.box.check_inside((depth, height, width))
