@@ -221,3 +221,19 @@ def test_version_help_and_plain_output_off_a_terminal(tmp_path) -> None:
     shutil.copy(PNG, deep)
     info = run_medfm("info", str(deep))
     assert info.returncode == 0 and info.stdout.splitlines()[0] == str(deep)  # the path is not wrapped
+
+
+def test_help_and_option_mistakes_never_import_torch(tmp_path) -> None:
+    """What keeps ``--help`` and a typo fast: neither imports torch (one fresh process; the suite's has it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom medfm.cli import main\n"
+        "for argv in (['--help'], ['segment', sys.argv[1], '--box', '1', '2', '3', '4', '--window', 'nonsense', '-o', sys.argv[2]]):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(CT), str(tmp_path / "m.nii.gz")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "False", result.stderr
