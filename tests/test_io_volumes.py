@@ -94,7 +94,7 @@ def test_single_dicom_files_from_pydicom() -> None:
 
 
 def test_bad_dicom_files(tmp_path) -> None:
-    with pytest.raises(InputFileError, match="DICOM") as raised:
+    with pytest.raises(InputFileError, match="PixelData is truncated") as raised:
         medfm.read_image(get_testdata_file("MR_truncated.dcm"))
     assert "MR_truncated.dcm" in str(raised.value)
     fake = tmp_path / "fake.dcm"

@@ -16,6 +16,7 @@ import medfm
 from medfm.errors import MedfmError
 from medfm.intensity import PRESET_NAMES
 from medfm.io.outputs import check_outputs
+from medfm.io.checks import DEFAULT_MAX_BYTES
 
 app = typer.Typer(
     name="medfm",
@@ -70,9 +71,11 @@ def info(
     files: Annotated[list[Path], typer.Argument(help="Image files, DICOM folders or zips.")],
     modality: Annotated[Optional[str], typer.Option(help="Override the modality stored in the file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    frame: Annotated[Optional[int], typer.Option(help="One frame (0-based) of a multi-frame DICOM, as a 2D image.")] = None,
+    max_bytes: Annotated[int, typer.Option(help="Largest pixel data a file may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Shape, spacing, orientation, modality and intensity range of each file."""
-    summaries = [medfm.read_image(path, modality=modality).summary() for path in files]
+    summaries = [medfm.read_image(path, modality=modality, frame=frame, max_bytes=max_bytes).summary() for path in files]
     if as_json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
         return
@@ -130,6 +133,8 @@ def segment(
     uncertainty: Annotated[Optional[Path], typer.Option(help="Also write SAM-U's uncertainty map (20 jittered boxes) here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, or bf16: faster where the CPU/GPU has bfloat16; a few boundary pixels may differ.")] = "fp32",
+    frame: Annotated[Optional[int], typer.Option(help="One frame (0-based) of a multi-frame DICOM, as a 2D image.")] = None,
+    max_bytes: Annotated[int, typer.Option(help="Largest pixel data the input may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
     from medfm.prompts import Box, Box3D, Points
@@ -140,7 +145,7 @@ def segment(
         input_path, output, tuple(Box(*_numbers(text, 4, "--box")) for text in box or []),
         Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None, slice_index,
         tuple(Box3D(*_numbers(text, 6, "--box3d", whole=True)) for text in box3d or []), boxes_from, slice_step,
-        model, weights, modality, window, overlay, reference, uncertainty, device, precision,
+        model, weights, modality, window, overlay, reference, uncertainty, device, precision, frame, max_bytes,
     )
     request.check()  # options, prompts and every output path, before torch is even imported
     from medfm.segment.run import run_request

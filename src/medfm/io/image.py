@@ -117,7 +117,8 @@ class MedicalImage:
     def summary(self) -> dict[str, Any]:
         """What ``medfm info`` shows: shape, spacing, orientation, modality, intensity statistics."""
         low, high = self.intensity_range()
-        values = self.array.astype(np.float64, copy=False)
+        # one copy in the array's own dtype (for the percentiles' partition), never a float64 one
+        p_low, p_high = np.percentile(self.array, [0.5, 99.5])
         return {
             "path": str(self.path) if self.path else None,
             "format": self.metadata.get("format"),
@@ -133,9 +134,9 @@ class MedicalImage:
             "intensity": {
                 "min": low,
                 "max": high,
-                "mean": float(values.mean()),
-                "p0.5": float(np.percentile(values, 0.5)),
-                "p99.5": float(np.percentile(values, 99.5)),
+                "mean": float(self.array.mean(dtype=np.float64)),
+                "p0.5": float(p_low),
+                "p99.5": float(p_high),
             },
         }
 

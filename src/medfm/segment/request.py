@@ -16,6 +16,7 @@ import numpy as np
 
 from medfm.errors import InputFileError, OptionError, PromptError
 from medfm.intensity import IntensityPreset, preset
+from medfm.io.checks import DEFAULT_MAX_BYTES
 from medfm.io.image import MedicalImage
 from medfm.io.outputs import check_outputs
 from medfm.prompts import Box, Box3D, Points
@@ -44,6 +45,8 @@ class SegmentRequest:
     uncertainty: Path | None = None
     device: str = "cpu"
     precision: str = "fp32"
+    frame: int | None = None  #: one frame of a multi-frame DICOM
+    max_bytes: int = DEFAULT_MAX_BYTES  #: the largest pixel data the input may declare
 
     @property
     def is_volume(self) -> bool:

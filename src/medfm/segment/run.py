@@ -255,7 +255,7 @@ def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOu
     against the image and the label maps' grids), then load the model, segment, write each output
     atomically and score against the reference. ``progress`` reports 3D work on stderr."""
     request.check()
-    image = read_image(request.input, modality=request.modality)
+    image = read_image(request.input, modality=request.modality, frame=request.frame, max_bytes=request.max_bytes)
     request.check_image(image)
     coarse = None if request.boxes_from is None else read_label_map(request.boxes_from, image)
     reference = None if request.reference is None else read_label_map(request.reference, image)
