@@ -18,14 +18,18 @@ from medfm.intensity import PRESET_NAMES
 from medfm.io.outputs import check_outputs
 from medfm.io.checks import DEFAULT_MAX_BYTES
 
+_ON_TERMINAL = sys.stdout.isatty() and sys.stderr.isatty()
+
 app = typer.Typer(
     name="medfm",
     help="Medical-imaging foundation models: segment, classify, retrieve, adapt and evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    # rich panels on a terminal; click's plain help and usage errors in files, pipes and logs
-    rich_markup_mode="rich" if sys.stdout.isatty() and sys.stderr.isatty() else None,
+    # rich panels on a terminal; in files, pipes and logs click's plain help and usage errors, one
+    # line per option (wrapped text would split names such as medfm-litemedsam-ft at a hyphen)
+    rich_markup_mode="rich" if _ON_TERMINAL else None,
+    context_settings={} if _ON_TERMINAL else {"terminal_width": 10_000, "max_content_width": 10_000},
 )
 
 
