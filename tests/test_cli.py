@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
+from medfm.cli import main
 from tests.conftest import EXAMPLES
 
 
 def run_medfm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medfm", *args], capture_output=True, text=True, timeout=600)
+    """``medfm ARGS`` in this process (a subprocess would re-import torch for nothing): its exit code,
+    stdout and stderr, as `subprocess.run` gives them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return subprocess.CompletedProcess(["medfm", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def test_the_installed_entry_point_prints_one_line_errors(tmp_path) -> None:
+    """One real process: ``python -m medfm`` exits 2 with one line and no traceback."""
+    result = subprocess.run([sys.executable, "-m", "medfm", "info", str(tmp_path / "missing.png")],
+                            capture_output=True, text=True, timeout=120)
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and line.startswith(f"error: {tmp_path / 'missing.png'}: ")
 
 
 def test_info_json_on_bundled_samples() -> None:

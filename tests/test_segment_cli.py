@@ -18,7 +18,7 @@ def test_segment_png_with_overlay_and_dice(tmp_path) -> None:
     result = run_medfm("segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "215", "107", "265", "132",
                        "-o", str(out), "--overlay", str(picture), "--reference", str(EXAMPLES / "busi_benign_001_mask.png"))
     assert result.returncode == 0, result.stderr
-    dice = float(result.stdout.split("label 1:")[1].split()[0])
+    dice = float(result.stdout.split("Dice vs reference: foreground:")[1].split()[0])  # a 0/255 mask: its foreground
     assert dice > 0.88
     mask = medfm.read_image(out).array
     assert mask.shape == (416, 416) and set(np.unique(mask)) == {0, 1}
@@ -32,8 +32,12 @@ def test_segment_nifti_slice_keeps_the_volume_grid(tmp_path) -> None:
     rows, cols = np.nonzero(liver)
     out = tmp_path / "liver.nii.gz"
     result = run_medfm("segment", str(EXAMPLES / "totalseg_example_ct.nii.gz"), "--modality", "CT", "--slice", "15",
-                       "--box", str(cols.min()), str(rows.min()), str(cols.max()), str(rows.max()), "-o", str(out))
+                       "--box", str(cols.min()), str(rows.min()), str(cols.max()), str(rows.max()), "-o", str(out),
+                       "--reference", str(EXAMPLES / "totalseg_example_ct_mask.nii.gz"))
     assert result.returncode == 0, result.stderr
+    # the multi-label reference's liver is label 5: the box is scored against it, on the segmented slice
+    assert "label 1 (reference label 5):" in result.stdout
+    assert float(result.stdout.split("(reference label 5):")[1].split()[0]) > 0.8
     written = nib.load(out)
     np.testing.assert_allclose(written.affine, nib.load(EXAMPLES / "totalseg_example_ct.nii.gz").affine, atol=1e-5)
     mask = np.asarray(written.dataobj).transpose(2, 1, 0)
@@ -52,7 +56,7 @@ def test_segment_jpeg(tmp_path) -> None:
     result = run_medfm("segment", str(jpeg), "--box", "215", "107", "265", "132", "-o", str(out),
                        "--reference", str(EXAMPLES / "busi_benign_001_mask.png"))
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.split("label 1:")[1].split()[0]) > 0.85
+    assert float(result.stdout.split("foreground:")[1].split()[0]) > 0.85
 
 
 @needs_litemedsam
@@ -92,6 +96,7 @@ def test_segment_volume_from_a_label_map(tmp_path) -> None:
 
 
 def test_volume_prompt_errors(tmp_path) -> None:
+    """Refused before any model loads: in-process, this takes about a second."""
     volume = str(EXAMPLES / "totalseg_example_ct.nii.gz")
     for args, message in [
         (["--box3d", "0", "0", "0", "500", "50", "10"], "reaches outside the volume"),

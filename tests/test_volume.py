@@ -116,7 +116,9 @@ class FakePredictor:
 
 
 def _volume(depth: int = 20, size: int = 32) -> MedicalImage:
-    return MedicalImage(array=np.zeros((depth, size, size), np.int16), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+    """A volume for the fake predictor, which never looks at it: a ramp, since a constant one is refused."""
+    ramp = np.broadcast_to(np.arange(size, dtype=np.int16), (depth, size, size)).copy()
+    return MedicalImage(array=ramp, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                         direction=np.eye(3), modality="CT", metadata={"kind": "volume"})
 
 
@@ -226,8 +228,8 @@ def _run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
 def test_cli_slice_step_reaches_segment_volume(tiny_model, monkeypatch, tmp_path, capsys) -> None:
     seen = []
     real = medfm.segment.volume.segment_volume
-    monkeypatch.setattr(medfm.segment.model, "load", lambda *args, **kwargs: tiny_model)
-    monkeypatch.setattr(medfm.segment.volume, "segment_volume", lambda *a, **k: seen.append(k["slice_step"]) or real(*a, **k))
+    monkeypatch.setattr(medfm.segment.run, "load", lambda *args, **kwargs: tiny_model)
+    monkeypatch.setattr(medfm.segment.run, "segment_volume", lambda *a, **k: seen.append(k["slice_step"]) or real(*a, **k))
     out = tmp_path / "m.nii.gz"
     volume_args = ["segment", str(CT), "--modality", "CT", "--box3d", "10", "10", "3", "60", "50", "7", "-o", str(out)]
     assert _run_cli(monkeypatch, *volume_args, "--slice-step", "3") == 0 and seen == [3] and out.exists()
@@ -256,5 +258,6 @@ def test_evaluate_slice_step_reaches_the_volume_path(tiny_model, monkeypatch, tm
         raise OptionError("stop here")
 
     monkeypatch.setattr(medfm.evaluate.runner, "evaluate", fake_evaluate)
-    assert _run_cli(monkeypatch, "evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "e"), "--slice-step", "5") == 2
+    (tmp_path / "data").mkdir()
+    assert _run_cli(monkeypatch, "evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e"), "--slice-step", "5") == 2
     assert captured["slice_step"] == 5

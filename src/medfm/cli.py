@@ -3,26 +3,71 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 import medfm
 from medfm.errors import MedfmError
+from medfm.intensity import PRESET_NAMES
+from medfm.io.outputs import check_outputs
 from medfm.io.checks import DEFAULT_MAX_BYTES
+
+_ON_TERMINAL = sys.stdout.isatty() and sys.stderr.isatty()
 
 app = typer.Typer(
     name="medfm",
-    help="Medical-imaging foundation models: run, adapt, evaluate, serve.",
+    help="Medical-imaging foundation models: segment, classify, retrieve, adapt and evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # rich panels on a terminal; in files, pipes and logs click's plain help and usage errors, one
+    # line per option (wrapped text would split names such as medfm-litemedsam-ft at a hyphen)
+    rich_markup_mode="rich" if _ON_TERMINAL else None,
+    context_settings={} if _ON_TERMINAL else {"terminal_width": 10_000, "max_content_width": 10_000},
 )
-console = Console()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"medfm {medfm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print medfm's version and exit.")] = False,
+) -> None:
+    """Medical-imaging foundation models: segment, classify, retrieve, adapt and evaluate."""
+
+
+def _say(text: str) -> None:
+    """One line of the command's result on stdout, never wrapped (paths stay whole when piped)."""
+    print(text, flush=True)
+
+
+def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[str] = ()) -> None:
+    """A table: drawn by rich on a terminal; off a terminal, the title and tab-separated lines,
+    every cell whole, for ``| cut``, ``| grep`` and files."""
+    if not sys.stdout.isatty():
+        print(title)
+        for row in ([list(header)] if header else []) + [list(r) for r in rows]:
+            print("\t".join(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=bool(header))
+    for column in header or [""] * (len(rows[0]) if rows else 0):
+        table.add_column(column, justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 @app.command()
@@ -39,7 +84,6 @@ def info(
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
         return
     for summary in summaries:
-        table = Table(title=summary["path"], show_header=False, title_justify="left")
         intensity = summary["intensity"]
         rows = {
             "format": summary["format"],
@@ -52,9 +96,7 @@ def info(
             "intensity": f"min {intensity['min']:g}, max {intensity['max']:g}, mean {intensity['mean']:.4g}, "
             f"p0.5-p99.5 {intensity['p0.5']:g} to {intensity['p99.5']:g}",
         }
-        for key, value in rows.items():
-            table.add_row(key, str(value))
-        console.print(table)
+        _print_table(summary["path"], (), [(key, str(value)) for key, value in rows.items()])
 
 
 @app.command()
@@ -72,12 +114,7 @@ def models(
     if as_json:
         print(json.dumps([card.to_dict() for card in cards], indent=2))
         return
-    table = Table(title=f"{len(cards)} systems")
-    for column in CARD_TABLE_COLUMNS:
-        table.add_column(column)
-    for row in cards_table_rows(cards):
-        table.add_row(*row)
-    console.print(table)
+    _print_table(f"{len(cards)} systems", CARD_TABLE_COLUMNS, cards_table_rows(cards))
 
 
 @app.command()
@@ -94,9 +131,9 @@ def segment(
     model: Annotated[Optional[str], typer.Option(help="Registry name or model folder (default: medfm-litemedsam-ft).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file for the named model.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Override the file's modality (e.g. CT).")] = None,
-    window: Annotated[Optional[str], typer.Option(help="Intensity preset: soft_tissue, lung, bone, brain, mr, minmax.")] = None,
-    overlay: Annotated[Optional[Path], typer.Option(help="Also write a PNG of the image with masks and prompts.")] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="A reference mask: print the Dice against it.")] = None,
+    window: Annotated[Optional[str], typer.Option(help=f"Intensity preset: {', '.join(PRESET_NAMES)}.")] = None,
+    overlay: Annotated[Optional[Path], typer.Option(help="Also write a PNG of the image (3D: the first box's middle slice) with masks and prompts.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="A reference mask: print the Dice of each label against the structure its box outlines.")] = None,
     uncertainty: Annotated[Optional[Path], typer.Option(help="Also write SAM-U's uncertainty map (20 jittered boxes) here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, or bf16: faster where the CPU/GPU has bfloat16; a few boundary pixels may differ.")] = "fp32",
@@ -104,67 +141,42 @@ def segment(
     max_bytes: Annotated[int, typer.Option(help="Largest pixel data the input may declare, in bytes.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Segment a 2D image or a slice from boxes and clicks, or a volume from 3D boxes; one label per box."""
-    from medfm.device import resolve_device
-    from medfm.intensity import preset
     from medfm.prompts import Box, Box3D, Points
-    from medfm.segment.model import load
-    from medfm.segment.run import overlay as draw_overlay, segment as run_segment
+    from medfm.segment.request import SegmentRequest
 
-    device = str(resolve_device(device))  # an unusable device is one line, before any file is read
-    boxes = [Box(*_numbers(text, 4, "--box")) for text in box or []]
     clicks = [(_numbers(t, 2, "--point"), 1) for t in point or []] + [(_numbers(t, 2, "--negative-point"), 0) for t in negative_point or []]
-    points = Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None
-    intensity = preset(window) if window else None
-    image = medfm.read_image(input_path, modality=modality, frame=frame, max_bytes=max_bytes)
-    network = load(model, weights=weights, device=device)
-    if box3d or boxes_from:
-        from medfm.segment.volume import prompts_from_labels, segment_volume
+    request = SegmentRequest(
+        input_path, output, tuple(Box(*_numbers(text, 4, "--box")) for text in box or []),
+        Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None, slice_index,
+        tuple(Box3D(*_numbers(text, 6, "--box3d", whole=True)) for text in box3d or []), boxes_from, slice_step,
+        model, weights, modality, window, overlay, reference, uncertainty, device, precision, frame, max_bytes,
+    )
+    request.check()  # options, prompts and every output path, before torch is even imported
+    from medfm.segment.run import run_request
 
-        if boxes or points or slice_index is not None:
-            raise medfm.PromptError("3D boxes segment the whole volume: do not combine them with --box, --point or --slice")
-        prompts = [Box3D(*(int(v) for v in _numbers(text, 6, "--box3d"))) for text in box3d or []]
-        if boxes_from is not None:
-            prompts += prompts_from_labels(_label_map_like(boxes_from, image))
-        volume = segment_volume(network.predictor(precision=precision), image, prompts, intensity=intensity,
-                                slice_step=slice_step, progress=True)
-        medfm.write_mask(volume.label_map, output, like=image)
-        console.print(f"wrote {output} ({len(volume.slices)} structure(s), {sum(map(len, volume.slices.values()))} slices "
-                      f"segmented, {volume.encoded_slices} encoded) in {volume.seconds:.1f} s", highlight=False)
-        if reference is not None:
-            _print_dice(volume.label_map, reference, sorted(volume.slices))
-        return
-    result = run_segment(image, boxes, points, slice_index=slice_index, model=network, intensity=intensity,
-                         uncertainty=uncertainty is not None, precision=precision)
-    medfm.write_mask(result.label_map, output, like=image)
-    if uncertainty is not None:
-        from medfm.io.writers import write_map
-
-        write_map(result.uncertainty, uncertainty, like=image)
-    if overlay is not None:
-        medfm.write_image(draw_overlay(result, boxes, points, intensity), overlay)
-    summary = f"wrote {output} ({len(result.prediction.masks)} label(s), scores " + ", ".join(
-        f"{s:.3f}" for s in result.prediction.scores) + f"); encoder {result.encode_seconds:.2f} s, decoder {result.decode_seconds * 1000:.0f} ms"
-    console.print(summary, highlight=False)
-    if reference is not None:
-        _print_dice(result.label_map, reference, list(range(1, len(result.prediction.masks) + 1)))
+    outcome = run_request(request, progress=True)
+    if outcome.volume is not None:
+        volume = outcome.volume
+        _say(f"wrote {_paths(outcome.written)} ({len(volume.slices)} structure(s), {sum(map(len, volume.slices.values()))} "
+             f"slices segmented, {volume.encoded_slices} encoded) in {volume.seconds:.1f} s")
+    else:
+        result = outcome.result
+        _say(f"wrote {_paths(outcome.written)} ({len(result.prediction.masks)} label(s), scores "
+             + ", ".join(f"{s:.3f}" for s in result.prediction.scores)
+             + f"); encoder {result.encode_seconds:.2f} s, decoder {result.decode_seconds * 1000:.0f} ms")
+    if outcome.reference:
+        _say("Dice vs reference: " + ", ".join(
+            ("foreground" if score.label is None else f"label {score.label}")
+            + ("" if score.label is None or score.reference_label == score.label else
+               f" (reference {'label ' + str(score.reference_label) if score.reference_label is not None else 'has none there'})")
+            + f": {score.dice:.4f}" for score in outcome.reference))
 
 
-def _print_dice(label_map, reference: Path, labels: list[int]) -> None:  # noqa: ANN001 - numpy array
-    from medfm.segment.run import dice_per_label
-
-    scores = dice_per_label(label_map, medfm.read_image(reference).array, labels)
-    console.print("Dice vs reference: " + ", ".join(f"label {k}: {v:.4f}" for k, v in scores.items()), highlight=False)
+def _paths(paths: list[Path]) -> str:
+    return ", ".join(str(path) for path in paths)
 
 
-def _label_map_like(path: Path, image: "medfm.MedicalImage"):  # noqa: ANN202 - numpy array
-    """A label map that must lie on the image's grid (same shape), read from ``path``."""
-    labels = medfm.read_image(path).array
-    if labels.shape != image.spatial_shape:
-        raise medfm.InputFileError(path, f"label map shape {labels.shape} differs from the image's {image.spatial_shape}")
-    return labels
-
-
-def _numbers(text: str, count: int, option: str) -> list[float]:
+def _numbers(text: str, count: int, option: str, whole: bool = False) -> list[float]:
     """Parse 'X0 Y0 X1 Y1' (spaces or commas) for an option that takes several numbers."""
     parts = text.replace(",", " ").split()
     try:
@@ -173,7 +185,9 @@ def _numbers(text: str, count: int, option: str) -> list[float]:
         values = []
     if len(values) != count:
         raise medfm.PromptError(f"{option} takes {count} numbers, got '{text}'")
-    return values
+    if whole and any(v != int(v) for v in values):
+        raise medfm.PromptError(f"{option} takes whole voxel indices, got '{text}'")
+    return [int(v) for v in values] if whole else values
 
 
 @app.command()
@@ -192,6 +206,7 @@ def evaluate(
     """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
     from medfm.evaluate.report import comparison_table, write_outputs
     from medfm.evaluate.runner import evaluate as run_evaluation
+    check_outputs({"--out": (out, "folder")}, {"--data": data, **{f"--model {m}": m for m in model or []}})
     from medfm.segment.model import DEFAULT_MODEL, load
 
     models = {m.name: m for m in (load(name) for name in (model or [DEFAULT_MODEL]))}
@@ -202,13 +217,8 @@ def evaluate(
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
     written = json.loads(paths["summary"].read_text())
     header, body = comparison_table(written["models"])
-    table = Table(title=f"{len(evaluation.cases)} cases in {written['seconds']:.0f} s (report included)")
-    for column in header:
-        table.add_column(column)
-    for row in body:
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"wrote {paths['cases']}, {paths['summary']}, {paths['report']}", highlight=False)
+    _print_table(f"{len(evaluation.cases)} cases in {written['seconds']:.0f} s (report included)", header, body)
+    _say(f"wrote {paths['cases']}, {paths['summary']}, {paths['report']}")
 
 
 @app.command()
@@ -248,6 +258,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --output after its last finished epoch.")] = False,
 ) -> None:
     """Adapt a SAM-family model to your data with one of the survey's recipes (see medfm.train)."""
+    check_outputs({"--output": (out, "folder")}, {"--data": data, "--val": val, "--base": base})
     from medfm.train import Recipe, TrainConfig, train as run_training
 
     recipe_spec = Recipe(recipe, lora_rank=lora_rank, lora_alpha=lora_alpha, adapter_ratio=adapter_ratio,
@@ -259,10 +270,10 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
         box_jitter=box_jitter, augment=augment, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
-        workers=workers, resume=resume, progress=sys.stderr.isatty(),
+        workers=workers, resume=resume, progress=True,
     )
-    result = run_training(config, log=lambda text: console.print(text, highlight=False))
-    console.print(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)", highlight=False)
+    result = run_training(config, log=_say)
+    _say(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)")
 
 
 @app.command()
@@ -273,10 +284,11 @@ def blend(
 ) -> None:
     """WiSE-FT: move a fine-tune back towards its base in weight space (keeps most of the gain,
     gives back what the base did well)."""
+    check_outputs({"--output": (out, "folder")}, {"RUN": run})
     from medfm.train.recipes import blend_with_base
 
     folder = blend_with_base(run, alpha, out)
-    console.print(f"wrote {folder} (base + {alpha:g} x (trained - base))", highlight=False)
+    _say(f"wrote {folder} (base + {alpha:g} x (trained - base))")
 
 
 @app.command()
@@ -297,12 +309,9 @@ def classify(
     if as_json:
         print(json.dumps(probabilities, indent=2))
         return
-    table = Table(title=f"{image} ({network.name}{', each label vs no label' if pos_neg else ''})", title_justify="left")
-    table.add_column("label")
-    table.add_column("probability", justify="right")
-    for label, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
-        table.add_row(label, f"{probability:.4f}")
-    console.print(table)
+    rows = [(label, f"{p:.4f}") for label, p in sorted(probabilities.items(), key=lambda item: -item[1])]
+    _print_table(f"{image} ({network.name}{', each label vs no label' if pos_neg else ''})", ("label", "probability"),
+                 rows, right=("probability",))
 
 
 @app.command()
@@ -322,18 +331,14 @@ def retrieve(
     if as_json:
         print(json.dumps([{"image": str(path), "similarity": score} for path, score in hits], indent=2))
         return
-    table = Table(title=f"'{text}'", title_justify="left")
-    for column in ("rank", "image", "similarity"):
-        table.add_column(column)
-    for rank, (path, score) in enumerate(hits, 1):
-        table.add_row(str(rank), str(path), f"{score:.4f}")
-    console.print(table)
+    _print_table(f"'{text}'", ("rank", "image", "similarity"),
+                 [(str(rank), str(path), f"{score:.4f}") for rank, (path, score) in enumerate(hits, 1)])
 
 
 @app.command()
 def version() -> None:
-    """Print medfm's version."""
-    print(medfm.__version__)
+    """Print medfm's version (as ``medfm --version``)."""
+    print(f"medfm {medfm.__version__}")
 
 
 #: Options that take several numbers, as in ``--box 120 80 210 190`` (click needs one token each).
@@ -384,10 +389,23 @@ def spread_multi_value_options(argv: list[str]) -> list[str]:
     return spread
 
 
-def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # unwinds, so temporary files are removed as on any failure
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback;
+    warnings are one line too (no source line). ``argv`` defaults to ``sys.argv[1:]``."""
+    warnings.showwarning = _one_line_warning
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=spread_multi_value_options(group_numeric_options(sys.argv[1:])), prog_name="medfm")
+        app(args=spread_multi_value_options(group_numeric_options(args)), prog_name="medfm")
     except MedfmError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from medfm.errors import OptionError
+
 #: CT windows as (level, width) in Hounsfield units, the radiology reading-room defaults.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),
@@ -23,6 +25,10 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "liver": (60.0, 150.0),
     "mediastinum": (50.0, 350.0),
 }
+
+
+#: Every name `preset` takes (besides the ``ct:`` prefix and the aliases mri and percentile).
+PRESET_NAMES: tuple[str, ...] = (*CT_WINDOWS, "mr", "minmax", "none")
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,7 @@ def preset(name: str) -> IntensityPreset:
         return IntensityPreset("percentile")
     if key in {"minmax", "none"}:
         return IntensityPreset(key)
-    choices = ", ".join([*CT_WINDOWS, "mr", "minmax", "none"])
-    raise ValueError(f"unknown intensity preset '{name}'; choose one of {choices}")
+    raise OptionError(f"unknown intensity preset '{name}'; choose one of {', '.join(PRESET_NAMES)}")
 
 
 def default_preset(modality: str | None) -> IntensityPreset:

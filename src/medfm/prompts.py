@@ -40,6 +40,14 @@ class Box:
             raise PromptError("cannot take the box of an empty mask")
         return cls(float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
 
+    def check_area(self) -> None:
+        """Raise `PromptError` for a box of zero width or height: a line or a point outlines nothing
+        a model could segment (`from_mask` of a one-pixel-wide structure gives such boxes, so this
+        is the check of user prompts, not of the constructor)."""
+        if self.x1 == self.x0 or self.y1 == self.y0:
+            raise PromptError(f"box ({self.x0:g}, {self.y0:g}, {self.x1:g}, {self.y1:g}) has zero area "
+                              "(x0 == x1 or y0 == y1): draw it around the structure")
+
     def as_array(self) -> np.ndarray:
         """``[x0, y0, x1, y1]`` as float64."""
         return np.array([self.x0, self.y0, self.x1, self.y1], dtype=np.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from os import PathLike
@@ -19,24 +19,30 @@ import numpy as np
 
 from medfm.errors import MissingDependencyError, OutputFileError
 from medfm.io.image import MedicalImage
+from medfm.io.outputs import TEMPORARY_MARK, same_file
 from medfm.io.readers import NIFTI_SUFFIXES, ras_affine
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file is ``.NAME.medfm-tmp-<pid>-<token><suffix>`` (`TEMPORARY_MARK`), so one
+    left by a killed process is recognisable; on any failure, interruption included, it is removed.
+    It keeps the output's suffix, which writers such as nibabel's go by.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    temporary = path.parent / f".{path.name}{TEMPORARY_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
     try:
-        yield Path(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; outputs get the usual mode
+        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask gives the usual mode
+    except OSError as error:
+        raise OutputFileError(path, f"cannot create a file in {path.parent} ({error.strerror})") from error
+    try:
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -47,6 +53,11 @@ def protected_paths(image: MedicalImage | None) -> set[Path]:
     paths = [image.path] if image.path else []
     paths += [Path(p) for p in image.metadata.get("source_files", [])]
     return {p.resolve() for p in paths}
+
+
+def _replaces_an_input(path: Path, like: MedicalImage | None) -> bool:
+    """Whether ``path`` is a file ``like`` was read from, however spelled (symlinks, hard links)."""
+    return any(same_file(path, source) for source in protected_paths(like))
 
 
 def write_mask(
@@ -70,7 +81,7 @@ def write_mask(
         raise OutputFileError(
             path, f"mask shape {tuple(mask.shape)} differs from the image's grid {like.spatial_shape}"
         )
-    if path.resolve() in protected_paths(like) or (path.exists() and path.is_dir()):
+    if _replaces_an_input(path, like) or path.is_dir():
         raise OutputFileError(path, "refusing to write over an input (or a folder); choose another output path")
     writer = _writer_for(path)
     with atomic_path(path) as temporary:
@@ -99,7 +110,7 @@ def write_map(values: np.ndarray, path: str | PathLike[str], like: MedicalImage 
     values = np.asarray(values, dtype=np.float32)
     if like is not None and tuple(values.shape) != like.spatial_shape:
         raise OutputFileError(path, f"map shape {tuple(values.shape)} differs from the image's grid {like.spatial_shape}")
-    if path.resolve() in protected_paths(like):
+    if _replaces_an_input(path, like):
         raise OutputFileError(path, "refusing to write over an input; choose another output path")
     name = path.name.lower()
     with atomic_path(path) as temporary:

@@ -52,9 +52,9 @@ from torch import Tensor, nn
 
 from medfm.errors import OptionError
 from medfm.segment import tinyvit as tv
+from medfm.segment.options import check_precision_name
 from medfm.segment.sam import SamCore
 
-PRECISIONS = ("fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -79,8 +79,8 @@ def bf16_supported() -> bool:
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    """Raise `OptionError` unless ``precision`` is known and runs on this machine."""
+    check_precision_name(precision)
     if precision == "bf16" and not bf16_supported():
         raise OptionError("precision 'bf16' needs a CPU with native bfloat16 (AVX512-BF16 or AMX) and oneDNN")
     return precision

@@ -89,7 +89,12 @@ class PretrainedSpec:
     extra: tuple[ExtraFile, ...] = ()
     #: prompt-free multi-class checkpoints (SAMed): class names, training resolution, CT window
     semantic: SemanticSettings | None = None
+    #: the prompt types the weights were trained with ("box", "point", "mask"; none: prompt-free)
+    prompts: tuple[str, ...] = ("box",)
 
+
+#: SAM and the models trained as SAM was: boxes, clicks and masks.
+SAM_PROMPTS = ("box", "point", "mask")
 
 PRETRAINED: dict[str, PretrainedSpec] = {
     spec.name: spec
@@ -109,16 +114,19 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             "sam-vit-b", "sam_vit_b", SAM_PREPROCESS,
             "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
             "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "sam", "Meta's SAM ViT-B (natural images)",
+            prompts=SAM_PROMPTS,
         ),
         PretrainedSpec(
             "sam-vit-l", "sam_vit_l", SAM_PREPROCESS,
             "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
             "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "sam", "Meta's SAM ViT-L (natural images)",
+            prompts=SAM_PROMPTS,
         ),
         PretrainedSpec(
             "sam-vit-h", "sam_vit_h", SAM_PREPROCESS,
             "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "sam", "Meta's SAM ViT-H (natural images)",
+            prompts=SAM_PROMPTS,
         ),
         PretrainedSpec(
             "sam-med2d", "sam_med2d_vit_b", SAM_MED2D_PREPROCESS,
@@ -126,13 +134,14 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             "url:https://drive.usercontent.google.com/download?id=1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl&export=download&confirm=t",
             None, "sam-med2d",
             "SAM-Med2D: SAM ViT-B with adapters, fine-tuned on SA-Med2D-20M, 256 px, box/point/mask prompts",
-            filename="sam-med2d_b.pth",
+            filename="sam-med2d_b.pth", prompts=SAM_PROMPTS,
         ),
         PretrainedSpec(
             "msa", "msa_vit_b", MSA_PREPROCESS,
             "none:Medical SAM Adapter publishes no adapted weights; train with its repository and pass "
             "weights=<checkpoint> (and image_size=... if not trained at 1024 px)",
             None, "msa", "Medical SAM Adapter: SAM ViT-B with space/MLP/depth adapters (your own training checkpoint)",
+            prompts=("box", "point"),
         ),
         PretrainedSpec(
             "samed", "samed_vit_b", SAMED_PREPROCESS,
@@ -148,6 +157,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
                 ),
             ),
             semantic=SAMED_SEMANTIC,
+            prompts=(),
         ),
     ]
 }
@@ -174,6 +184,8 @@ class SegmentationModel:
     name: str
     arch: str
     semantic: SemanticSettings | None = None
+    #: the prompt types the weights were trained with (None: unknown); others get a warning
+    trained_prompts: tuple[str, ...] | None = None
 
     def predictor(self, **options: Any) -> Predictor:
         """An interactive predictor over this model (encode once, prompt many); SAMed's has
@@ -210,6 +222,8 @@ class SegmentationModel:
         }
         if self.semantic is not None:
             config["semantic"] = self.semantic.to_dict()
+        if self.trained_prompts is not None:
+            config["trained_prompts"] = list(self.trained_prompts)
         if training is not None:
             config |= _jsonable(training) | {"delta": only is not None}
         state = self.network.state_dict()
@@ -234,7 +248,11 @@ class SegmentationModel:
             network = rebuild_from_delta(config, state, str(directory / MODEL_WEIGHTS))
         else:
             _load_strict(network, state, directory / MODEL_WEIGHTS)
-        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic)
+        prompts = config.get("trained_prompts")
+        if prompts is None and config.get("base") in PRETRAINED:  # a fine-tune saved before configs said so
+            prompts = PRETRAINED[config["base"]].prompts
+        return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic,
+                   None if prompts is None else tuple(prompts))
 
 
 def _pipeline(config: dict) -> tuple[PreprocessConfig, SemanticSettings | None]:
@@ -333,7 +351,7 @@ def load(
         preprocess = spec.preprocess
         if preprocess.image_size != network.config.image_size:  # a model trained at another size
             preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
-        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.semantic).to(device)
+        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.semantic, spec.prompts).to(device)
     if lora is not None or overrides:
         raise MedfmError(
             "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"

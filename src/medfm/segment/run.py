@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 
 import numpy as np
 
-from medfm.errors import PromptError
+from medfm.errors import InputFileError, PromptError
 from medfm.intensity import IntensityPreset
-from medfm.io import MedicalImage, read_image
+from medfm.io import MedicalImage, read_image, write_image, write_mask
+from medfm.io.writers import write_map
 from medfm.preprocess import to_uint8_rgb
 from medfm.prompts import Box, Points
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction
+from medfm.segment.request import SegmentRequest
 from medfm.segment.uncertainty import DEFAULT_BOX_COUNT, default_shift, jitter_box, predict_with_uncertainty
+from medfm.segment.volume import VolumePrompt, VolumeSegmentation, prompts_from_labels, segment_volume
 
 
 @dataclass
@@ -59,11 +63,11 @@ def segment(
     boundary pixels may differ from fp32).
     """
     image = image if isinstance(image, MedicalImage) else read_image(image)
+    request = SegmentRequest(Path(image.path or "image"), None, tuple(boxes), points, slice_index)
+    request.check_prompts()
+    request.check_image(image)
     model = model if isinstance(model, SegmentationModel) else load(model)
-    if not boxes and points is None:
-        raise PromptError("give at least one box or point")
-    if len(boxes) > 1 and points is not None:
-        raise PromptError("clicks refine one box: give a single box with points, or boxes alone")
+    warn_untrained_prompts(model, boxes, points)
     if image.modality is None and intensity is None and image.array.dtype != np.uint8:
         warnings.warn(
             f"{image.path or 'image'}: modality unknown, so intensities are min-max scaled; "
@@ -109,11 +113,24 @@ def overlay(
     intensity: IntensityPreset | None = None,
 ) -> np.ndarray:
     """An RGB uint8 picture of the segmented image with masks, boxes and clicks drawn on it."""
+    return overlay_picture(result.image, result.label_map, result.slice_index, boxes, points, intensity)
+
+
+def overlay_picture(
+    image: MedicalImage,
+    label_map: np.ndarray,
+    slice_index: int | None = None,
+    boxes: Sequence[Box] = (),
+    points: Points | None = None,
+    intensity: IntensityPreset | None = None,
+) -> np.ndarray:
+    """An RGB uint8 picture of a 2D image, or of one slice of a volume, with its labels, boxes and
+    clicks drawn on it."""
     from PIL import Image, ImageDraw
 
-    array = result.image.array if result.slice_index is None else result.image.array[result.slice_index]
-    labels = result.label_map if result.slice_index is None else result.label_map[result.slice_index]
-    rgb = to_uint8_rgb(array, intensity, result.image.modality).astype(np.float32)
+    array = image.array if slice_index is None else image.array[slice_index]
+    labels = label_map if slice_index is None else label_map[slice_index]
+    rgb = to_uint8_rgb(array, intensity, image.modality).astype(np.float32)
     palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]])
     for label in np.unique(labels[labels > 0]):
         colour = palette[(label - 1) % len(palette)]
@@ -129,14 +146,162 @@ def overlay(
     return np.asarray(picture)
 
 
+def warn_untrained_prompts(model: SegmentationModel, boxes: Sequence[Box] = (), points: Points | None = None) -> None:
+    """Warn when a prompt type is one the model's weights never saw in training (e.g. clicks for
+    LiteMedSAM, distilled with boxes only): it runs, but the masks are unreliable."""
+    if model.trained_prompts is None:
+        return
+    given = ["box"] * bool(boxes) + ["point"] * (points is not None)
+    for kind in given:
+        if kind not in model.trained_prompts:
+            trained = " and ".join(f"{k} prompts" for k in model.trained_prompts) or "no prompts (it is prompt-free)"
+            warnings.warn(f"{model.name} was trained with {trained}, not {kind} prompts: its masks from "
+                          f"{kind} prompts are unreliable", stacklevel=2)
+
+
+def read_label_map(path: str | PathLike[str], like: MedicalImage) -> np.ndarray:
+    """A label map (a reference, or the coarse labels of ``--boxes-from``) that must lie on the
+    grid of ``like``; `InputFileError` naming the file otherwise."""
+    labels = read_image(path).array
+    if labels.shape != like.spatial_shape:
+        raise InputFileError(path, f"label map shape {labels.shape} differs from the image's {like.spatial_shape}")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise InputFileError(path, f"a label map holds whole labels; this one holds fractions ({labels.dtype})")
+    return labels
+
+
+@dataclass(frozen=True)
+class ReferenceScore:
+    """The Dice of one output label (None: every label together) against one reference value
+    (None: the reference's whole foreground, or no label of the reference at the prompt)."""
+
+    label: int | None
+    reference_label: int | None
+    dice: float
+
+
+def compare_with_reference(
+    label_map: np.ndarray, reference: np.ndarray, prompts: Mapping[int, tuple[int | None, Box] | None],
+) -> list[ReferenceScore]:
+    """Dice of each output label against the reference structure it prompts, matched by value.
+
+    ``prompts`` maps each output label to (the slice its 2D box lies on or None, the box), or to
+    None for a label taken from a label map (``--boxes-from``). A reference with one foreground
+    value is compared foreground against foreground (a binary 0/1 or 0/255 mask). With several
+    values, a label from a label map is compared with the same value; a label from a box with the reference
+    value whose bounding box on that slice overlaps the prompt's box most (IoU), so a liver box
+    is scored against the liver whatever number the reference gives it.
+    """
+    values = [int(v) for v in np.unique(reference) if v != 0]
+    if len(values) <= 1:
+        return [ReferenceScore(None, values[0] if values else None, _dice(label_map > 0, reference != 0))]
+    scores = []
+    for label, prompt in prompts.items():
+        if prompt is None:
+            matched = label if label in values else None
+        else:
+            slice_index, box = prompt
+            matched = _best_overlap(reference if slice_index is None else reference[slice_index], box, values)
+        truth = reference == matched if matched is not None else np.zeros(reference.shape, bool)
+        scores.append(ReferenceScore(label, matched, _dice(label_map == label, truth)))
+    return scores
+
+
+def _best_overlap(reference: np.ndarray, box: Box, values: Sequence[int]) -> int | None:
+    """The reference value whose bounding box has the highest IoU with ``box`` (None: none overlaps)."""
+    best, best_iou = None, 0.0
+    for value in values:
+        if not (reference == value).any():
+            continue
+        theirs = Box.from_mask(reference == value)
+        width = min(box.x1, theirs.x1) - max(box.x0, theirs.x0) + 1
+        height = min(box.y1, theirs.y1) - max(box.y0, theirs.y0) + 1
+        if width <= 0 or height <= 0:
+            continue
+        area = lambda b: (b.x1 - b.x0 + 1) * (b.y1 - b.y0 + 1)  # noqa: E731 - corners inclusive
+        iou = width * height / (area(box) + area(theirs) - width * height)
+        if iou > best_iou:
+            best, best_iou = value, iou
+    return best
+
+
+def _dice(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Dice of two boolean masks; both empty counts as 1.0."""
+    total = ours.sum() + theirs.sum()
+    return 1.0 if total == 0 else float(2 * (ours & theirs).sum() / total)
+
+
 def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] | None = None) -> dict[int, float]:
     """Dice of each label (default: every foreground label of either map) against the same label in
     the reference; both empty counts as 1.0."""
-    scores = {}
     if labels is None:
         labels = sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0})
-    for label in labels:
-        ours, theirs = prediction == label, reference == label
-        total = ours.sum() + theirs.sum()
-        scores[int(label)] = 1.0 if total == 0 else float(2 * (ours & theirs).sum() / total)
-    return scores
+    return {int(label): _dice(prediction == label, reference == label) for label in labels}
+
+
+@dataclass
+class SegmentOutcome:
+    """What `run_request` wrote and found: the files, the 2D result or the volume's, the scores
+    against the reference (empty without one)."""
+
+    written: list[Path]
+    result: SegmentationResult | None = None
+    volume: VolumeSegmentation | None = None
+    reference: list[ReferenceScore] = field(default_factory=list)
+
+
+def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOutcome:
+    """Carry out ``medfm segment``: every check first (options and output paths, then the prompts
+    against the image and the label maps' grids), then load the model, segment, write each output
+    atomically and score against the reference. ``progress`` reports 3D work on stderr."""
+    request.check()
+    image = read_image(request.input, modality=request.modality, frame=request.frame, max_bytes=request.max_bytes)
+    request.check_image(image)
+    coarse = None if request.boxes_from is None else read_label_map(request.boxes_from, image)
+    reference = None if request.reference is None else read_label_map(request.reference, image)
+    if coarse is not None:
+        from_labels = prompts_from_labels(coarse)
+        clash = {p.label for p in from_labels} & set(range(1, len(request.boxes3d) + 1))
+        if clash:
+            raise PromptError(f"--box3d labels 1..{len(request.boxes3d)} and --boxes-from labels {sorted(clash)} collide; "
+                              "give one or the other")
+    model = load(request.model, weights=request.weights, device=request.device)
+    if request.is_volume:
+        return _run_volume(request, image, model, [] if coarse is None else from_labels, reference, progress)
+    result = segment(image, request.boxes, request.points, slice_index=request.slice_index, model=model,
+                     intensity=request.intensity, uncertainty=request.uncertainty is not None, precision=request.precision)
+    written = [write_mask(result.label_map, request.output, like=image)]
+    if request.uncertainty is not None:
+        written.append(write_map(result.uncertainty, request.uncertainty, like=image))
+    if request.overlay is not None:
+        written.append(write_image(overlay(result, request.boxes, request.points, request.intensity), request.overlay))
+    outcome = SegmentOutcome(written, result=result)
+    if reference is not None:  # on the segmented slice only: the rest of a volume's map is empty by design
+        boxes = list(request.boxes) or [Box(*request.points.coords[0], *request.points.coords[0])]
+        plane = (lambda array: array) if request.slice_index is None else (lambda array: array[request.slice_index])
+        outcome.reference = compare_with_reference(plane(result.label_map), plane(reference),
+                                                   {label: (None, box) for label, box in enumerate(boxes, 1)})
+    return outcome
+
+
+def _run_volume(request: SegmentRequest, image: MedicalImage, model: SegmentationModel, from_labels: list,
+                reference: np.ndarray | None, progress: bool) -> SegmentOutcome:
+    """The 3D half of `run_request`: propagate each 3D box through the volume."""
+    prompts = [VolumePrompt(box, label) for label, box in enumerate(request.boxes3d, 1)] + from_labels
+    warn_untrained_prompts(model, boxes=[p.box.box2d() for p in prompts])
+    volume = segment_volume(model.predictor(precision=request.precision), image, prompts, intensity=request.intensity,
+                            slice_step=request.slice_step, progress=progress)
+    written = [write_mask(volume.label_map, request.output, like=image)]
+    starts = {p.label: (p.start_slice if p.start_slice is not None else (p.box.z0 + p.box.z1) // 2,
+                        p.start_box or p.box.box2d()) for p in prompts}
+    if request.overlay is not None:  # the first prompt's start slice, with every box that crosses it
+        middle = starts[prompts[0].label][0]
+        boxes = [starts[p.label][1] for p in prompts if p.box.z0 <= middle <= p.box.z1]
+        written.append(write_image(overlay_picture(image, volume.label_map, middle, boxes, None, request.intensity),
+                                   request.overlay))
+    outcome = SegmentOutcome(written, volume=volume)
+    if reference is not None:
+        by_box = {label for label in range(1, len(request.boxes3d) + 1)}
+        outcome.reference = compare_with_reference(volume.label_map, reference,
+                                                   {p.label: starts[p.label] if p.label in by_box else None for p in prompts})
+    return outcome

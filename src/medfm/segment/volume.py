@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medfm.errors import OptionError, PromptError
+from medfm.errors import PromptError
 from medfm.intensity import IntensityPreset
 from medfm.io import MedicalImage
 from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
 from medfm.prompts import Box, Box3D
+from medfm.segment.options import check_slice_step
 from medfm.segment.predictor import Predictor
+from medfm.segment.request import check_has_contrast
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,6 @@ class _EmbeddingCache:
         self.predictor.use_embedding(*self.entries[index])
 
 
-def check_slice_step(slice_step: int) -> None:
-    """Raise `OptionError` unless ``slice_step`` is a whole number of slices, at least 1."""
-    if not isinstance(slice_step, (int, np.integer)) or slice_step < 1:
-        raise OptionError(f"slice step must be a whole number >= 1 (1: every slice; k: every k-th slice, "
-                          f"interpolated between), not {slice_step!r}")
-
-
 def segment_volume(
     predictor: Predictor,
     image: MedicalImage,
@@ -129,6 +124,11 @@ def segment_volume(
     check_slice_step(slice_step)
     if not image.is_volume:
         raise PromptError(f"{image.path or 'the image'} is not a volume; 3D boxes need a (Z, Y, X) image")
+    check_has_contrast(image)
+    prompts = list(prompts)
+    for prompt in prompts:
+        if isinstance(prompt, Box3D):  # a user's box; a `VolumePrompt` from a label map may be one voxel wide
+            prompt.box2d().check_area()
     prompts = [p if isinstance(p, VolumePrompt) else VolumePrompt(p, label) for label, p in enumerate(prompts, start=1)]
     if not prompts:
         raise PromptError("no 3D box given")

@@ -378,7 +378,9 @@ class Trainer:
     def save_model(self, directory: Path, epoch: int, val_dice: float | None) -> None:
         """A medfm model folder: the full model (full recipe) or the trained tensors over the base."""
         recipe = self.config.recipe
-        model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch, self.base.semantic)
+        this_run = {"box": ("box",), "clicks": ("point",), "none": ()}[self.mode]
+        trained = tuple(dict.fromkeys([*(self.base.trained_prompts or ()), *this_run]))  # the base's and this run's
+        model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch, self.base.semantic, trained)
         training = {"base": self.base_id, "recipe": recipe.to_dict(), "epochs_trained": epoch, "val_dice": val_dice}
         model.save_pretrained(directory, training=training, only=self.trained if recipe.saves_delta else None)
 

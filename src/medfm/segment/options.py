@@ -1,0 +1,25 @@
+"""Option values of segmentation that can be checked before torch is imported or a file read."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+from medfm.errors import OptionError
+
+#: Arithmetic precisions of the inference engine (`medfm.segment.fast`).
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision_name(precision: str) -> str:
+    """Raise `OptionError` unless ``precision`` is one of `PRECISIONS` (whether this machine has
+    bfloat16 is `medfm.segment.fast.check_precision`'s question)."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_slice_step(slice_step: int) -> None:
+    """Raise `OptionError` unless ``slice_step`` is a whole number of slices, at least 1."""
+    if not isinstance(slice_step, Integral) or slice_step < 1:
+        raise OptionError(f"slice step must be a whole number >= 1 (1: every slice; k: every k-th slice, "
+                          f"interpolated between), not {slice_step!r}")
