@@ -145,7 +145,8 @@ def test_segment_and_evaluate_with_a_torchscript_model_exit_2(torchscript, monke
     code, err = cli(monkeypatch, capsys, "segment", str(EXAMPLES / "busi_benign_001.png"), "--box", "215", "107", "265",
                     "132", "--model", str(archive), "-o", str(tmp_path / "mask.png"))
     assert code == 2 and "TorchScript archive" in err and len(err.strip().splitlines()) == 1
-    code, err = cli(monkeypatch, capsys, "evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "report"),
+    (tmp_path / "data").mkdir()
+    code, err = cli(monkeypatch, capsys, "evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "report"),
                     "--model", str(archive))
     assert code == 2 and "TorchScript archive" in err
     assert not marker.exists() and not (tmp_path / "mask.png").exists()
