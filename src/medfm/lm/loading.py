@@ -137,7 +137,7 @@ def _load_folder(folder: Path, source: str) -> tuple[object, object]:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:  # ImportError: e.g. BioGPT's tokenizer needs sacremoses
         raise CheckpointError(source, f"could not be loaded as a causal language model ({error})") from error
     return model, tokenizer
 
