@@ -159,7 +159,7 @@ def _safe(name: str) -> str:
 
 
 def _assign_outputs(cases: list[Case], out: Path) -> None:
-    per_image = Counter(case.image for case in cases if case.error is None)
+    per_image = Counter(case.image for case in cases if case.error is None and not case.id)
     for case in cases:
         if not case.id and case.error is not None:
             case.id = f"line-{case.line}"
