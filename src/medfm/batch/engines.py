@@ -2,7 +2,8 @@
 process (``engine="local"``) or on a Ray cluster (``engine="ray"``, Ray Data), with the same stage
 functions (`medfm.batch.stages`), so both engines give the same masks.
 
-On Ray, reading and writing are CPU tasks (0.25 CPU each: they mostly wait on storage); encoding
+On Ray, reading and writing are CPU tasks (0.25 CPU each, at most ``2 * workers`` at a time: they
+mostly wait on storage); encoding
 runs in a pool of ``workers`` actors that load the model once each (``gpus_per_worker`` GPUs and
 ``cpus_per_worker`` CPUs each); decoding runs in a second pool of ``workers`` actors (0.25 CPU each)
 that answer every prompt of an image from its one embedding. A killed actor is restarted and its
@@ -207,13 +208,14 @@ def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fin
         ray.init(include_dashboard=False) if address is None else ray.init(address=address)
     try:
         light = 0.25  # reading, writing and decoding mostly wait on storage or run the small decoder
+        io_tasks = 2 * workers  # enough to keep the encoders fed, without a process per image (each imports torch)
         dataset = ray.data.from_items([_pack(work) for work in groups], override_num_blocks=len(groups))
         dataset = dataset.map(_read_row, fn_kwargs={"previous": dict(previous), "fingerprint": fingerprint,
-                                                    "retry_errors": retry_errors}, num_cpus=light)
+                                                    "retry_errors": retry_errors}, num_cpus=light, concurrency=io_tasks)
         dataset = dataset.map(_Encoder, fn_constructor_kwargs={"model": model}, concurrency=workers,
                               num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
         dataset = dataset.map(_Decoder, fn_constructor_kwargs={"model": model}, concurrency=workers, num_cpus=light)
-        dataset = dataset.map(_write_row, num_cpus=light)
+        dataset = dataset.map(_write_row, num_cpus=light, concurrency=io_tasks)
         for row in dataset.iter_rows():
             yield _unpack(row)
     finally:
