@@ -77,6 +77,8 @@ def segment_batch(
         raise OptionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if workers < 1 or gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise OptionError("workers must be >= 1, gpus per worker >= 0 and cpus per worker > 0")
+    if engine == "ray":
+        import_ray()  # say how to install it before any work
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
