@@ -210,14 +210,16 @@ def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fin
         ray.init(include_dashboard=False) if address is None else ray.init(address=address)
     try:
         light = 0.25  # reading, writing and decoding mostly wait on storage or run the small decoder
-        io_tasks = 2 * workers  # enough to keep the encoders fed, without a process per image (each imports torch)
+        # enough tasks to keep the encoders fed, without a process per image (each imports torch)
+        io_pool = ray.data.TaskPoolStrategy(size=2 * workers)
         dataset = ray.data.from_items([_pack(work) for work in groups], override_num_blocks=len(groups))
         dataset = dataset.map(_read_row, fn_kwargs={"previous": dict(previous), "fingerprint": fingerprint,
-                                                    "retry_errors": retry_errors}, num_cpus=light, concurrency=io_tasks)
-        dataset = dataset.map(_Encoder, fn_constructor_kwargs={"model": model}, concurrency=workers,
+                                                    "retry_errors": retry_errors}, num_cpus=light, compute=io_pool)
+        dataset = dataset.map(_Encoder, fn_constructor_kwargs={"model": model}, compute=ray.data.ActorPoolStrategy(size=workers),
                               num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
-        dataset = dataset.map(_Decoder, fn_constructor_kwargs={"model": model}, concurrency=workers, num_cpus=light)
-        dataset = dataset.map(_write_row, num_cpus=light, concurrency=io_tasks)
+        dataset = dataset.map(_Decoder, fn_constructor_kwargs={"model": model}, compute=ray.data.ActorPoolStrategy(size=workers),
+                              num_cpus=light)
+        dataset = dataset.map(_write_row, num_cpus=light, compute=io_pool)
         for row in dataset.iter_rows():
             yield _unpack(row)
     finally:
