@@ -190,6 +190,28 @@ def _numbers(text: str, count: int, option: str, whole: bool = False) -> list[fl
     return [int(v) for v in values] if whole else values
 
 
+@app.command("segment-batch")
+def segment_batch(
+    prompts: Annotated[Path, typer.Option(help="JSON lines: {\"image\": path, \"boxes\": [[x0, y0, x1, y1]], \"points\", \"slice\", \"box3d\", \"boxes_from\", \"id\"}.")],
+    out: Annotated[Path, typer.Option(help="Folder for the masks and results.jsonl (a rerun resumes there).")],
+    model: Annotated[Optional[str], typer.Option(help="Registry name or model folder (default: medfm-litemedsam-ft).")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data; pip install 'medfm[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray: encoder (and decoder) actors, each loading the model once.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per encoder actor (0: CPU).")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(help="Ray: CPUs per encoder actor.")] = 1.0,
+    retry_errors: Annotated[bool, typer.Option(help="Redo cases whose last row is an error even if nothing changed.")] = False,
+) -> None:
+    """Segment every case of a prompts file, one mask per case; resumable, on one machine or a Ray cluster."""
+    from medfm.batch import segment_batch as run_batch
+
+    summary = run_batch(prompts, out, model=model, engine=engine, address=address, workers=workers,
+                        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, retry_errors=retry_errors,
+                        progress=sys.stderr.isatty())
+    console.print(f"{summary.ok} done, {summary.errors} error(s), {summary.skipped} already done, in {summary.seconds:.1f} s; "
+                  f"see {summary.results}", highlight=False)
+
+
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="A dataset folder, a collection with manifest.json, or nnU-Net raw.")],

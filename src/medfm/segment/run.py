@@ -23,7 +23,7 @@ from medfm.io.writers import write_map
 from medfm.preprocess import to_uint8_rgb
 from medfm.prompts import Box, Points
 from medfm.segment.model import SegmentationModel, load
-from medfm.segment.predictor import Prediction
+from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.request import SegmentRequest
 from medfm.segment.uncertainty import DEFAULT_BOX_COUNT, default_shift, jitter_box, predict_with_uncertainty
 from medfm.segment.volume import VolumePrompt, VolumeSegmentation, prompts_from_labels, segment_volume
@@ -78,11 +78,7 @@ def segment(
     started = time.perf_counter()
     predictor.set_image(image, slice_index=slice_index, intensity=intensity)
     encoded = time.perf_counter()
-    prediction = predictor.predict(
-        boxes=list(boxes) or None,
-        points=None if points is None else points.coords[None],
-        point_labels=None if points is None else points.labels[None],
-    )
+    prediction = predict_prompts(predictor, boxes, points)
     decoded = time.perf_counter()
     entropy = None
     if uncertainty:
@@ -93,10 +89,26 @@ def segment(
             predict_with_uncertainty(predictor, jitter_box(box, DEFAULT_BOX_COUNT, default_shift(box), height, width, seed=i)).entropy
             for i, box in enumerate(boxes)
         ], axis=0)
-    labels = prediction.label_map()
-    if image.is_volume:
-        labels, entropy = _on_volume(labels, image, slice_index), None if entropy is None else _on_volume(entropy, image, slice_index)
+    labels = label_map_on_grid(prediction, image, slice_index)
+    if image.is_volume and entropy is not None:
+        entropy = _on_volume(entropy, image, slice_index)
     return SegmentationResult(image, labels, prediction, slice_index, encoded - started, decoded - encoded, entropy)
+
+
+def predict_prompts(predictor: Predictor, boxes: Sequence[Box], points: Points | None) -> Prediction:
+    """Each box one prompt (clicks refine the single box, or are one prompt alone) on the image the
+    predictor holds: the decoder only, so many calls share one encoded image."""
+    return predictor.predict(
+        boxes=list(boxes) or None,
+        points=None if points is None else points.coords[None],
+        point_labels=None if points is None else points.labels[None],
+    )
+
+
+def label_map_on_grid(prediction: Prediction, image: MedicalImage, slice_index: int | None) -> np.ndarray:
+    """One label per prompt on the input's full grid (a volume's slice placed in the whole volume)."""
+    labels = prediction.label_map()
+    return _on_volume(labels, image, slice_index) if image.is_volume else labels
 
 
 def _on_volume(plane: np.ndarray, image: MedicalImage, slice_index: int) -> np.ndarray:
