@@ -208,8 +208,8 @@ def segment_batch(
     summary = run_batch(prompts, out, model=model, engine=engine, address=address, workers=workers,
                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, retry_errors=retry_errors,
                         progress=sys.stderr.isatty())
-    console.print(f"{summary.ok} done, {summary.errors} error(s), {summary.skipped} already done, in {summary.seconds:.1f} s; "
-                  f"see {summary.results}", highlight=False)
+    _say(f"{summary.ok} done, {summary.errors} error(s), {summary.skipped} already done, in {summary.seconds:.1f} s; "
+         f"see {summary.results}")
 
 
 @app.command()
@@ -370,17 +370,15 @@ def qa(
     """Medical exam question answering: accuracy per dataset with its 95% interval, beside the majority-class and chance rates."""
     from medfm.qa import SUMMARY_HEADER, evaluate, summary_table
 
+    from medfm.io.outputs import check_outputs
+
     out = out or Path("out") / "qa" / Path(model).name / strategy.replace(":", "-")
+    check_outputs({"--out": (out, "folder")}, {f"--data {folder}": folder for folder in data} | {"--model": Path(model)})
     summary = evaluate(model, data, out, strategy=strategy, limit=limit, seed=seed, max_new_tokens=max_new_tokens)
-    table = Table(title=f"{summary['settings']['model']}, {summary['settings']['strategy']}")
-    for column in SUMMARY_HEADER:
-        table.add_column(column)
-    for row in summary_table(summary):
-        table.add_row(*row)
-    console.print(table)
+    _print_table(f"{summary['settings']['model']}, {summary['settings']['strategy']}", SUMMARY_HEADER, summary_table(summary))
     if summary["problems"]:
-        console.print(f"{len(summary['problems'])} item(s) skipped, listed in summary.json", highlight=False)
-    console.print(f"wrote {out / 'items.csv'}, {out / 'summary.json'}, {out / 'report.html'}", highlight=False)
+        _say(f"{len(summary['problems'])} item(s) skipped, listed in summary.json")
+    _say(f"wrote {out / 'items.csv'}, {out / 'summary.json'}, {out / 'report.html'}")
 
 
 @app.command()
