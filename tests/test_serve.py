@@ -28,27 +28,16 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 import medfm  # noqa: E402
 from medfm.errors import OptionError  # noqa: E402
-from medfm.preprocess import LITEMEDSAM_PREPROCESS  # noqa: E402
 from medfm.segment.model import SegmentationModel  # noqa: E402
-from medfm.segment.sam import build_sam  # noqa: E402
 from medfm.serve import ServeSettings, check_settings  # noqa: E402
 from medfm.serve.app import create_app  # noqa: E402
 from medfm.serve.state import EmbeddingCache  # noqa: E402
 from tests.conftest import EXAMPLES, write_dicom_series  # noqa: E402
+from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
 from tests.serve_support import running  # noqa: E402
 
 PNG = EXAMPLES / "busi_benign_001.png"
 CT = EXAMPLES / "totalseg_example_ct.nii.gz"
-TINY_TINYVIT = dict(embed_dims=(16, 24, 32, 40), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), window_sizes=(7, 7, 7, 7))
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> SegmentationModel:
-    torch.manual_seed(0)
-    network = build_sam("litemedsam", encoder=TINY_TINYVIT, decoder_mlp_dim=64).eval()
-    return SegmentationModel(network, LITEMEDSAM_PREPROCESS, "tiny", "litemedsam")
-
-
 def make_client(model: SegmentationModel, tmp_path: Path, **settings) -> TestClient:  # noqa: ANN003
     app = create_app(ServeSettings(upload_root=tmp_path / "uploads", **settings), models={"tiny": model})
     return TestClient(app, base_url="http://127.0.0.1")

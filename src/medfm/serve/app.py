@@ -245,7 +245,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     @app.get("/v1/health", responses=PROBLEMS)
     async def health() -> dict:
         """Liveness, the number of open images and the embedding cache's use."""
-        return {"status": "ok", "version": medfm.__version__, "images": len(store.uploads),
+        return {"status": "ok", "version": medfm.__version__, "images": len(store.uploads), "encoded": segmenter.encoded,
                 "cache": {"entries": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes,
                           "hits": cache.hits, "misses": cache.misses}}
 

@@ -152,6 +152,7 @@ class Segmenter:
         self.decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="medfm-decode")
         self._local = threading.local()
         self._pending: dict[tuple, asyncio.Future] = {}
+        self.encoded = 0  # slices encoded so far (concurrent asks for one slice share one encoding)
 
     def _predictor(self, model: str) -> Predictor:
         predictors = self._local.__dict__.setdefault("predictors", {})
@@ -182,6 +183,7 @@ class Segmenter:
     def _encode(self, image: MedicalImage, slice_index: int | None, model: str, intensity: IntensityPreset | None) -> Embedding:
         predictor = self._predictor(model)
         predictor.set_image(image, slice_index=slice_index, intensity=intensity)
+        self.encoded += 1
         return predictor.embedding, predictor.geometry
 
     async def predict(self, embedding: Embedding, model: str, boxes: Sequence | None, points: np.ndarray | None, point_labels: np.ndarray | None) -> Prediction:

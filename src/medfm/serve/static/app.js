@@ -122,10 +122,13 @@ function labelMap(slice) {
 async function openFile(file) {
   const form = new FormData();
   form.append("file", file, file.name);
+  if ($("modality").value) form.append("modality", $("modality").value);
   const info = await busy(`uploading ${file.name}…`, async () => (await api("/v1/images", { method: "POST", body: form })).json());
   if (!info) return;
   Object.assign(state, { image: info, slice: info.kind === "volume" ? Math.floor(info.slices / 2) : 0, maps: new Map(),
     dirty: new Set(), undo: [], redo: [], session: null, bitmaps: new Map() });
+  $("probabilities").replaceChildren();
+  $("prompt").textContent = "";
   $("name").textContent = `${info.name} · ${info.shape.join("×")} · ${info.modality || "modality unknown"}`;
   $("stage").hidden = false;
   $("slicebar").hidden = info.kind !== "volume";
@@ -290,23 +293,18 @@ function afterEdit() {
   queueSync();
 }
 
-function undo() {
-  const step = state.undo.pop();
+// Undo and redo move one step between the stacks, restoring its "before" or its "after" maps.
+function replay(from, to, side) {
+  const step = from.pop();
   if (!step) return;
-  for (const { slice, before } of step) { labelMap(slice).set(before); state.dirty.add(slice); }
-  state.redo.push(step);
+  for (const change of step) { labelMap(change.slice).set(change[side]); state.dirty.add(change.slice); }
+  to.push(step);
   state.session = null;
   afterEdit();
 }
 
-function redo() {
-  const step = state.redo.pop();
-  if (!step) return;
-  for (const { slice, after } of step) { labelMap(slice).set(after); state.dirty.add(slice); }
-  state.undo.push(step);
-  state.session = null;
-  afterEdit();
-}
+const undo = () => replay(state.undo, state.redo, "before");
+const redo = () => replay(state.redo, state.undo, "after");
 
 function updateButtons() {
   $("undo").disabled = state.undo.length === 0;
