@@ -67,7 +67,7 @@ def start_server(port: int) -> subprocess.Popen:
     raise RuntimeError("medfm serve did not answer within 120 s")
 
 
-async def client(http: httpx.AsyncClient, target: dict, requests: int, seed: int, latencies: list, errors: list) -> None:
+async def client(http: httpx.AsyncClient, target: dict, requests: int, seed: int, latencies: dict, errors: list) -> None:
     rng = random.Random(seed)
     for _ in range(requests):
         x0, y0, x1, y1 = (value + rng.randint(-3, 3) for value in target["box"])
@@ -81,10 +81,10 @@ async def client(http: httpx.AsyncClient, target: dict, requests: int, seed: int
                 errors.append(f"{response.status_code} {response.text[:120]}")
         except httpx.HTTPError as error:
             errors.append(repr(error))
-        latencies.append(time.perf_counter() - started)
+        latencies["CT" if target["slices"] else "2D"].append(time.perf_counter() - started)
 
 
-async def run(url: str, clients: int, requests: int, images: int) -> tuple[list[float], list[str], float]:
+async def run(url: str, clients: int, requests: int, images: int) -> tuple[dict[str, list[float]], list[str], float]:
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
         targets = []
         for index in range(images):
@@ -92,7 +92,7 @@ async def run(url: str, clients: int, requests: int, images: int) -> tuple[list[
             targets.append({"id": answer["id"], "box": PNG_BOX, "slices": None})
         volume = (await http.post("/v1/images", files={"file": ("ct.nii.gz", CT.read_bytes())}, data={"modality": "CT"})).json()
         ct_target = {"id": volume["id"], "box": CT_BOX, "slices": list(range(11, 19))}
-        latencies: list[float] = []
+        latencies: dict[str, list[float]] = {"2D": [], "CT": []}
         errors: list[str] = []
         started = time.perf_counter()
         await asyncio.gather(*(
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="2D uploads (plus one CT volume)")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     port = free_port()
     server = start_server(port)
     url = f"http://127.0.0.1:{port}"
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    ms = np.asarray(latencies) * 1000
-    print(f"medfm serve under load: {cpu_name()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    ms = np.asarray(latencies["2D"] + latencies["CT"]) * 1000
+    by_kind = {kind: np.asarray(values) * 1000 for kind, values in latencies.items() if values}
+    print(f"medfm serve under load: {cpu_name()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"load average before the run {load_before:.1f}")
     print(f"{args.clients} clients x {args.requests} box prompts on {args.images} PNG uploads + 1 CT volume (8 slices)\n")
     rows = [
         ("requests", f"{len(ms)}"),
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         ("latency p90", f"{np.percentile(ms, 90):.0f} ms"),
         ("latency p99", f"{np.percentile(ms, 99):.0f} ms"),
         ("latency max", f"{ms.max():.0f} ms"),
+        *((f"p50 / p99, {kind} clients", f"{np.percentile(v, 50):.0f} / {np.percentile(v, 99):.0f} ms") for kind, v in by_kind.items()),
         ("throughput", f"{len(ms) / seconds:.1f} prompts/s"),
         ("slices encoded", f"{encoded}"),
         ("server peak RSS", f"{peak:.0f} MiB (after start-up {baseline:.0f} MiB)"),

@@ -13,6 +13,7 @@ import hmac
 import io
 import logging
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Body, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -219,11 +220,14 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         return upload
 
     def slice_of(upload: Upload, index: int | None) -> int | None:
-        """The slice index checked against the image (None for a 2D image)."""
+        """The slice index checked against the image: an int for a volume, None for a 2D image
+        (whose only slice is 0)."""
         slices = upload.image.spatial_shape[0] if upload.image.is_volume else 1
-        if upload.image.is_volume and index is None:
-            raise HTTPException(422, f"{upload.name} is a volume: give the slice (0..{slices - 1})")
-        if index is not None and not 0 <= index < slices:
+        if index is None:
+            if upload.image.is_volume:
+                raise HTTPException(422, f"{upload.name} is a volume: give the slice (0..{slices - 1})")
+            return None
+        if not 0 <= index < slices:
             raise HTTPException(422, f"slice {index} is outside {upload.name}'s {slices} slice(s)")
         return index if upload.image.is_volume else None
 
@@ -307,12 +311,12 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     async def slice_png(image_id: str, index: int, window: Window = "auto") -> Response:
         """Slice ``index`` (0 for a 2D image) rendered under a window as PNG."""
         upload = upload_of(image_id)
-        index = slice_of(upload, index if upload.image.is_volume else (index or None)) or 0
+        index = slice_of(upload, index)
 
         def render() -> bytes:
             from PIL import Image
 
-            array = upload.image.array[index] if upload.image.is_volume else upload.image.array
+            array = upload.image.array if index is None else upload.image.array[index]
             rgb = upload.display_converter(window, window_preset(window))(array)
             picture = Image.fromarray(rgb if upload.image.channels == 3 else rgb[..., 0])
             buffer = io.BytesIO()
@@ -336,7 +340,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
             if len(request.box3d) != 6:
                 raise medfm.PromptError(f"a 3D box needs 6 numbers (x0, y0, z0, x1, y1, z1), got {len(request.box3d)}")
             labels = await segmenter.volume(upload.image, Box3D(*request.box3d), model, intensity)
-            mask_id = f"m-{len(upload.masks)}-{base64.urlsafe_b64encode(np.random.bytes(6)).decode()}"
+            mask_id = f"m-{secrets.token_urlsafe(8)}"
             upload.masks[mask_id] = labels
             return SegmentResponse(scores=[], mask_id=mask_id, slices=[int(z) for z in np.flatnonzero(labels.any(axis=(1, 2)))])
         index = slice_of(upload, request.slice)
@@ -363,7 +367,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     async def put_mask_slice(image_id: str, index: int, request: Request) -> Response:
         """Replace slice ``index`` of the image's editable label map with a grey PNG (0 background)."""
         upload = upload_of(image_id)
-        index = slice_of(upload, index if upload.image.is_volume else (index or None))
+        index = slice_of(upload, index)
         grid = upload.image.spatial_shape[-2:]
         plane = await asyncio.to_thread(_label_png, await request.body(), grid)
         annotation = upload.annotation()
@@ -384,7 +388,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         """Slice ``index`` of a label map (the editable one, or a 3D result's) as a grey PNG."""
         upload = upload_of(image_id)
         mask = _mask(upload, mask_id)
-        index = slice_of(upload, index if upload.image.is_volume else (index or None))
+        index = slice_of(upload, index)
         return Response(_png(mask if index is None else mask[index]), media_type="image/png")
 
     @app.get("/v1/images/{image_id}/mask", responses={**PROBLEMS, 200: {"content": {m: {} for m in EXPORT_MEDIA.values()}}}, response_class=Response)
@@ -397,7 +401,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         download = f"{stem}_mask{EXPORT_SUFFIX[format]}"
 
         def write() -> bytes:
-            path = upload.folder / f"export-{np.random.randint(1 << 30)}{EXPORT_SUFFIX[format]}"
+            path = upload.folder / f"export-{secrets.token_hex(8)}{EXPORT_SUFFIX[format]}"
             try:
                 medfm.write_mask(mask, path, like=upload.image, label_names=upload.label_names or None)
                 return path.read_bytes()
@@ -413,11 +417,9 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     async def classify(image_id: str, request: ClassifyRequest) -> ClassifyResponse:
         """Zero-shot probabilities of the labels for the image (a volume's slice), with medfm.classify."""
         upload = upload_of(image_id)
-        image = upload.image
-        if image.is_volume:
-            image = image.slice(slice_of(upload, image.spatial_shape[0] // 2 if request.slice is None else request.slice))
-        elif request.slice not in (None, 0):
-            raise HTTPException(422, f"{upload.name} is a 2D image: it has no slice {request.slice}")
+        middle = upload.image.spatial_shape[0] // 2 if upload.image.is_volume else None
+        index = slice_of(upload, middle if request.slice is None else request.slice)
+        image = upload.image if index is None else upload.image.slice(index)
         probabilities = await asyncio.to_thread(medfm.classify, image, request.labels, settings.classify_model, method=request.method)
         return ClassifyResponse(model=settings.classify_model, probabilities=probabilities)
 

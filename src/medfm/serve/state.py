@@ -170,15 +170,15 @@ class Segmenter:
         if cached is not None:
             return cached
         if key not in self._pending:  # one encoding per slice, however many clients ask at once
-            self._pending[key] = asyncio.ensure_future(self._run(self.encode_pool, self._encode, upload.image, slice_index, model, intensity))
-        future = self._pending[key]
-        try:
-            value = await asyncio.shield(future)
-        finally:
-            if future.done():
-                self._pending.pop(key, None)
-        self.cache.put(key, value)
-        return value
+            future = asyncio.ensure_future(self._run(self.encode_pool, self._encode, upload.image, slice_index, model, intensity))
+            future.add_done_callback(lambda done: self._finished(key, done))
+            self._pending[key] = future
+        return await asyncio.shield(self._pending[key])  # a client that disconnects does not cancel it
+
+    def _finished(self, key: tuple, future: asyncio.Future) -> None:
+        self._pending.pop(key, None)
+        if not future.cancelled() and future.exception() is None:
+            self.cache.put(key, future.result())
 
     def _encode(self, image: MedicalImage, slice_index: int | None, model: str, intensity: IntensityPreset | None) -> Embedding:
         predictor = self._predictor(model)
