@@ -93,6 +93,11 @@ def test_segment_equals_the_library_and_encodes_once(client, tiny_model) -> None
     np.testing.assert_array_equal(decode_png(base64.b64decode(clicks["mask_png"])), with_clicks.label_map())
     after = client.get("/v1/health").json()["cache"]
     assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1  # encoded once, prompted twice
+    encoded = client.get("/v1/health").json()["encoded"]
+    other = upload(client, PNG)["id"]
+    assert client.post(f"/v1/images/{other}/slices/0/embedding").status_code == 204  # the app warms the slice it shows
+    client.post(f"/v1/images/{other}/segment", json={"boxes": [box]})
+    assert client.get("/v1/health").json()["encoded"] == encoded + 1
 
 
 def test_volume_slices_windows_and_prompts(client) -> None:

@@ -231,6 +231,13 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
             raise HTTPException(422, f"slice {index} is outside {upload.name}'s {slices} slice(s)")
         return index if upload.image.is_volume else None
 
+    def served(model: str | None) -> str:
+        """The model's name if this server runs it (None: the default)."""
+        model = model or default_model
+        if model not in models:
+            raise HTTPException(422, f"model '{model}' is not served here; choose one of {', '.join(models)}")
+        return model
+
     def info(upload: Upload) -> ImageInfo:
         image = upload.image
         return ImageInfo(
@@ -325,14 +332,20 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
 
         return Response(await asyncio.to_thread(render), media_type="image/png")
 
+    @app.post("/v1/images/{image_id}/slices/{index}/embedding", status_code=204, responses=PROBLEMS)
+    async def encode_slice(image_id: str, index: int, model: str | None = None, window: Window = "auto") -> Response:
+        """Encode slice ``index`` now (if not cached), so that the first prompt on it costs the
+        decoder only; the app asks for the slice the user is looking at."""
+        upload = upload_of(image_id)
+        await segmenter.embedding(upload, slice_of(upload, index), served(model), window, window_preset(window))
+        return Response(status_code=204)
+
     @app.post("/v1/images/{image_id}/segment", responses=PROBLEMS)
     async def segment(image_id: str, request: SegmentRequest) -> SegmentResponse:
         """Masks from boxes and clicks on one slice (the slice is encoded once, then cached), or a
         volume mask from a 3D box."""
         upload = upload_of(image_id)
-        model = request.model or default_model
-        if model not in models:
-            raise HTTPException(422, f"model '{model}' is not served here; choose one of {', '.join(models)}")
+        model = served(request.model)
         intensity = window_preset(request.window)
         if request.box3d is not None:
             if request.boxes or request.points or request.slice is not None:

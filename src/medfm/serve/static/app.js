@@ -18,6 +18,7 @@ const state = {
   drag: null,           // mouse-down position while drawing a box
   bitmaps: new Map(),   // "slice/window" -> ImageBitmap
   sync: Promise.resolve(),
+  warmTimer: null,      // pending warmSlice call
 };
 
 // ------------------------------------------------------------------------------------ API
@@ -169,6 +170,15 @@ async function showSlice(slice) {
   if (state.slice !== slice) return;  // the user scrolled on meanwhile
   $("image").getContext("2d").drawImage(state.bitmaps.get(key), 0, 0);
   drawOverlay();
+  clearTimeout(state.warmTimer);
+  state.warmTimer = setTimeout(() => warmSlice(slice), 300);
+}
+
+// Encode the slice the user rests on before the first prompt, so that prompt costs the decoder only.
+function warmSlice(slice) {
+  if (!state.image || state.slice !== slice) return;
+  const model = encodeURIComponent($("model").value || "");
+  api(`/v1/images/${state.image.id}/slices/${slice}/embedding?model=${model}`, { method: "POST" }).catch(() => {});
 }
 
 function drawOverlay() {
