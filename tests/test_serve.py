@@ -197,6 +197,14 @@ def test_bad_uploads_are_problem_details_and_leave_no_file(tiny_model, tmp_path)
         assert_problem(client.post(f"/v1/images/{image_id}/classify", json={"labels": ["a", "a"]}), 422, "labels repeat")
 
 
+def test_images_held_at_once_are_bounded(tiny_model, tmp_path) -> None:
+    with make_client(tiny_model, tmp_path, max_images=2) as client:
+        first, _ = upload(client, PNG)["id"], upload(client, PNG)
+        assert_problem(client.post("/v1/images", files={"file": ("third.png", PNG.read_bytes())}), 429, "holds 2 images")
+        assert client.delete(f"/v1/images/{first}").status_code == 204
+        upload(client, PNG)
+
+
 def test_token_is_required_on_every_v1_call(tiny_model, tmp_path) -> None:
     token = "a-long-enough-test-token"
     with make_client(tiny_model, tmp_path, token=token) as client:

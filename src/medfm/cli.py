@@ -332,12 +332,13 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
     idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,
+    max_images: Annotated[int, typer.Option(help="Images held at once (each stays in memory until deleted or idle).")] = 32,
 ) -> None:
     """HTTP API (/v1, OpenAPI at /openapi.json) and the browser app at / for interactive segmentation."""
     from medfm.serve import ServeSettings, serve as run_server
 
     run_server(ServeSettings(host=host, port=port, token=token, max_upload_mb=max_upload_mb, models=tuple(model or ()),
-                             device=device, cache_mb=cache_mb, idle_minutes=idle_minutes))
+                             device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
 
 
 @app.command()

@@ -31,6 +31,8 @@ class ServeSettings:
     device: str = "cpu"
     cache_mb: float = 1024
     idle_minutes: float = 60
+    #: Images held at once (each is in memory until deleted or idle).
+    max_images: int = 32
     max_voxels: int = 2**28
     encode_workers: int = 1
     decode_workers: int = 2

@@ -97,7 +97,7 @@ class Problem(BaseModel):
     detail: str
 
 
-PROBLEMS = {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 413, 415, 422)}
+PROBLEMS = {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 413, 415, 422, 429)}
 
 
 # ----------------------------------------------------------------------------- errors
@@ -273,6 +273,9 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     ) -> ImageInfo:
         """Upload an image; its kind is judged by its content, its size by its header."""
         name = Path(file.filename or "upload").name[:200] or "upload"
+        if len(store.uploads) >= settings.max_images:
+            raise HTTPException(429, f"this server holds {settings.max_images} images already: delete one "
+                                "(DELETE /v1/images/{id}) or wait until an idle one is deleted")
         head = await file.read(352)
         try:
             kind = sniff(head)

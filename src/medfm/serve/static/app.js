@@ -126,6 +126,7 @@ async function openFile(file) {
   if ($("modality").value) form.append("modality", $("modality").value);
   const info = await busy(`uploading ${file.name}…`, async () => (await api("/v1/images", { method: "POST", body: form })).json());
   if (!info) return;
+  if (state.image) api(`/v1/images/${state.image.id}`, { method: "DELETE" }).catch(() => {});  // the app shows one image at a time
   Object.assign(state, { image: info, slice: info.kind === "volume" ? Math.floor(info.slices / 2) : 0, maps: new Map(),
     dirty: new Set(), undo: [], redo: [], session: null, bitmaps: new Map() });
   $("probabilities").replaceChildren();
@@ -490,7 +491,15 @@ async function start() {
   state.token = sessionStorage.getItem("medfm-token");
   wire();
   addLabel();
-  try { await loadModels(); } catch (error) { setStatus(error.message, true); }
+  try {
+    await loadModels();
+  } catch (error) {
+    const token = error.message.includes("token") && prompt("This server needs its access token:");
+    if (!token) { setStatus(error.message, true); return; }
+    sessionStorage.setItem("medfm-token", token);
+    state.token = token;
+    await loadModels().catch((again) => setStatus(again.message, true));
+  }
 }
 
 start();
