@@ -30,6 +30,7 @@ from medfm.serve import ServeSettings  # noqa: E402
 from medfm.serve.app import create_app  # noqa: E402
 from tests.conftest import EXAMPLES  # noqa: E402
 from tests.serve_support import running  # noqa: E402
+from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
 
 PNG = EXAMPLES / "busi_benign_001.png"
 
@@ -152,3 +153,18 @@ def test_drop_a_file_refine_with_a_click_and_classify(page, server) -> None:
     page.wait_for_selector("#probabilities li", timeout=60_000)
     shown = page.locator("#probabilities li").all_inner_texts()
     assert len(shown) == 3 and sum(float(text.split(": ")[1]) for text in shown) == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_app_takes_the_token_from_the_address_and_drops_it(browser, tiny_model, tmp_path) -> None:  # noqa: ANN001
+    token = "browser-test-token-0123456789"
+    app = create_app(ServeSettings(token=token, upload_root=tmp_path), models={"tiny": tiny_model})
+    with running(app) as url:
+        context = browser.new_context(bypass_csp=True)
+        page = context.new_page()
+        page.goto(f"{url}/#token={token}")
+        page.set_input_files("#file", str(PNG))
+        page.wait_for_selector("#stage:not([hidden])")
+        assert page.evaluate("() => location.hash") == ""  # not left in the address bar or history
+        assert httpx.get(f"{url}/v1/health").status_code == 401
+        assert httpx.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {token}"}).json()["images"] == 1
+        context.close()
