@@ -100,6 +100,17 @@ def test_segment_equals_the_library_and_encodes_once(client, tiny_model) -> None
     assert client.get("/v1/health").json()["encoded"] == encoded + 1
 
 
+def test_colour_jpeg_named_as_nifti_is_read_as_a_jpeg(client) -> None:
+    rgb = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(buffer := io.BytesIO(), format="JPEG")
+    info = client.post("/v1/images", files={"file": ("photo.nii.gz", buffer.getvalue())}).json()
+    assert info["shape"] == [60, 80, 3] and info["format"] == "jpg"
+    rendered = decode_png(client.get(f"/v1/images/{info['id']}/slices/0.png").content)
+    assert rendered.shape == (60, 80, 3)
+    answer = client.post(f"/v1/images/{info['id']}/segment", json={"points": [[40, 30]]}).json()
+    assert decode_png(base64.b64decode(answer["mask_png"])).shape == (60, 80)
+
+
 def test_volume_slices_windows_and_prompts(client) -> None:
     info = upload(client, CT, modality="CT")
     assert info["kind"] == "volume" and info["shape"] == [30, 101, 122] and info["slices"] == 30 and info["modality"] == "CT"
