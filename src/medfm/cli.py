@@ -382,6 +382,25 @@ def qa(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1/localhost needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(envvar="MEDFM_TOKEN", help="Bearer token every /v1 call must send (or MEDFM_TOKEN).", show_default=False)] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 512,
+    model: Annotated[Optional[list[str]], typer.Option(help="Segmentation model(s) to serve, the first the default; repeatable.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
+    idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,
+    max_images: Annotated[int, typer.Option(help="Images held at once (each stays in memory until deleted or idle).")] = 32,
+) -> None:
+    """HTTP API (/v1, OpenAPI at /openapi.json) and the browser app at / for interactive segmentation."""
+    from medfm.serve import ServeSettings, serve as run_server
+
+    run_server(ServeSettings(host=host, port=port, token=token, max_upload_mb=max_upload_mb, models=tuple(model or ()),
+                             device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
+
+
+@app.command()
 def version() -> None:
     """Print medfm's version (as ``medfm --version``)."""
     print(f"medfm {medfm.__version__}")
