@@ -1,0 +1,210 @@
+"""Published vision-language layouts, loaded from the files their authors ship:
+
+* **LLaVA-Med v1.5** (and LLaVA v1 / v1.5): a folder with LLaVA's ``config.json``
+  (``mm_projector_type``, ``mm_vision_tower``, ``mm_vision_select_layer``), the LM's weights with
+  ``model.mm_projector.*`` beside them and the tokenizer; the CLIP tower comes from the folder
+  (``model.vision_tower.vision_tower.*``) or from ``mm_vision_tower`` (a hub id, or ``vision_tower=``
+  a local CLIP folder). Prompted ``[INST] <image>\\n... [/INST]`` (``mistral_instruct``).
+* **transformers' llava folder** (``model_type: llava``, ``vision_config`` + ``text_config``), in
+  both the transformers 4 and 5 key layouts. Prompted ``USER: <image>\\n... ASSISTANT:``.
+
+Weights are read with safetensors or ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medfm.clip.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from medfm.errors import CheckpointError
+from medfm.vlm.connectors import build_connector
+from medfm.vlm.encoders import build_encoder
+from medfm.vlm.model import LLAVA, LLAVA_MED, VisionLanguageModel
+
+#: LLaVA's model types and the transformers LM each wraps
+LLAVA_LM_TYPES = {"llava_mistral": "mistral", "llava_llama": "llama", "llava": "llama", "llava_mpt": "mpt"}
+#: LLaVA's projector names (``mm_projector_type``) and medfm's connector specs
+LLAVA_PROJECTORS = {"linear": {"kind": "linear"}, "mlp2x_gelu": {"kind": "mlp", "depth": 2}}
+
+
+def read_folder_state(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a model folder: its ``*.safetensors`` files, else its ``pytorch_model*.bin``
+    (``weights_only``); sharded checkpoints are merged."""
+    from medfm.segment.checkpoints import load_state_dict_file
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(folder, "holds no *.safetensors or pytorch_model*.bin weights")
+    state: dict[str, Tensor] = {}
+    for file in files:
+        state.update(load_state_dict_file(file))
+    return state
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(folder / "config.json", f"cannot read the model config ({error})") from error
+
+
+def is_llava_folder(folder: Path) -> bool:
+    """True for a folder in LLaVA's own layout or transformers' llava layout."""
+    if not (folder / "config.json").is_file():
+        return False
+    config = _read_config(folder)
+    return "mm_vision_tower" in config or config.get("model_type") == "llava"
+
+
+def load_llava_folder(folder: str | PathLike[str], *, vision_tower: str | PathLike[str] | None = None,
+                      dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """A LLaVA-Med v1.5 / LLaVA folder, or a transformers llava folder (see the module docstring)."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    if "mm_vision_tower" in config:
+        return _load_original_llava(folder, config, vision_tower, dtype)
+    if config.get("model_type") == "llava":
+        return _load_transformers_llava(folder, config, dtype)
+    raise CheckpointError(folder, "is neither a LLaVA folder (mm_vision_tower in config.json) nor a transformers llava folder")
+
+
+def _language_model(config: dict[str, Any], state: dict[str, Tensor], source: Path, dtype: torch.dtype | None) -> nn.Module:
+    """A transformers causal LM built from ``config`` and loaded strictly from ``state``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lm_config = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(lm_config, dtype=dtype or torch.float32)
+    if getattr(lm_config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    _load_strict(model, state, source, "language model")
+    return model.eval()
+
+
+def _load_strict(module: nn.Module, state: dict[str, Tensor], source: Path, part: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("rotary_emb.inv_freq")]
+    problems = [f"missing {k}" for k in missing[:4]] + [f"unexpected {k}" for k in result.unexpected_keys[:4]]
+    if problems:
+        raise CheckpointError(source, f"the {part}'s weights do not match its architecture: " + ", ".join(problems))
+
+
+def _split(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under ``prefix``, without it (removed from ``state``)."""
+    keys = [k for k in state if k.startswith(prefix)]
+    return {k[len(prefix):]: state.pop(k) for k in keys}
+
+
+def _clip_vision_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A CLIP vision tower's tensors as transformers 5's ``CLIPVisionModel`` names them (published
+    files, and transformers 4, put them under ``vision_model.``)."""
+    return {k.removeprefix("vision_model."): v for k, v in state.items()}
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(folder, f"holds no tokenizer transformers can read ({error})") from error
+
+
+def _clip_tower_folder(name: str, vision_tower: str | PathLike[str] | None) -> Path:
+    """The CLIP folder of LLaVA's ``mm_vision_tower``: ``vision_tower`` when given, else the hub."""
+    from medfm.hub import hub_snapshot
+
+    if vision_tower is not None:
+        return Path(vision_tower)
+    if Path(name).is_dir():
+        return Path(name)
+    return hub_snapshot(name, ("config.json", "*.safetensors", "preprocessor_config.json"))
+
+
+def _load_original_llava(folder: Path, config: dict[str, Any], vision_tower: str | PathLike[str] | None,
+                         dtype: torch.dtype | None) -> VisionLanguageModel:
+    projector = config.get("mm_projector_type", "linear")
+    if projector not in LLAVA_PROJECTORS or config.get("model_type") not in LLAVA_LM_TYPES:
+        raise CheckpointError(folder, f"LLaVA model type {config.get('model_type')!r} with projector {projector!r} "
+                              f"is not supported (projectors: {', '.join(LLAVA_PROJECTORS)})")
+    if config.get("mm_use_im_start_end"):
+        raise CheckpointError(folder, "wraps the image in <im_start>/<im_end> tokens (LLaVA v0), which medfm does not support")
+    if config.get("mm_vision_select_feature", "patch") != "patch":
+        raise CheckpointError(folder, "selects CLIP features other than 'patch', which medfm does not support")
+    state = read_folder_state(folder)
+    projector_state = _split(state, "model.mm_projector.")
+    tower_state = _split(state, "model.vision_tower.vision_tower.")
+    if not tower_state:
+        tower_folder = _clip_tower_folder(config["mm_vision_tower"], vision_tower)
+        tower_config = _read_config(tower_folder)
+        vision_config = tower_config.get("vision_config", tower_config)
+        tower_state = _split(read_folder_state(tower_folder), "vision_model.")
+    else:
+        vision_config = config.get("mm_vision_config")
+        if vision_config is None:
+            raise CheckpointError(folder, "holds CLIP tower weights but no mm_vision_config describing them; pass vision_tower=")
+    vision_config = {k: v for k, v in vision_config.items() if k not in {"model_type", "architectures", "transformers_version"}}
+    encoder = build_encoder({"kind": "clip-vision", "config": vision_config,
+                             "select_layer": config.get("mm_vision_select_layer", -2), "select_feature": "patch"})
+    _load_strict(encoder.model, _clip_vision_keys(tower_state), folder, "CLIP vision tower")
+    lm_config = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in {"architectures", "image_aspect_ratio"}}
+    lm_config["model_type"] = LLAVA_LM_TYPES[config["model_type"]]
+    language_model = _language_model(lm_config, state, folder, dtype)
+    connector = build_connector(LLAVA_PROJECTORS[projector], encoder.out_dim, language_model.config.hidden_size)
+    _load_strict(connector, projector_state, folder, "projector")
+    size = vision_config.get("image_size", 224)
+    resize = "longest-side-center" if config.get("image_aspect_ratio") == "pad" else "shortest-side-crop"
+    preprocess = ImagePreprocess(image_size=size, resize=resize, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+    prompt_format = LLAVA_MED if config["model_type"] == "llava_mistral" else LLAVA
+    return _assemble(folder.name, encoder, connector, language_model, _tokenizer(folder), prompt_format, preprocess, dtype)
+
+
+def _load_transformers_llava(folder: Path, config: dict[str, Any], dtype: torch.dtype | None) -> VisionLanguageModel:
+    vision_config = dict(config["vision_config"])
+    if vision_config.pop("model_type", "clip_vision_model") not in {"clip_vision_model", "clip"}:
+        raise CheckpointError(folder, "its vision tower is not CLIP; medfm reads llava folders with a CLIP tower")
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(folder, "concatenates several vision layers, which medfm does not support")
+    if config.get("projector_hidden_act", "gelu") != "gelu":
+        raise CheckpointError(folder, f"projector activation {config['projector_hidden_act']!r} is not GELU")
+    state = read_folder_state(folder)
+    if any(k.startswith("model.multi_modal_projector.") for k in state):  # transformers >= 5
+        prefixes = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+    else:  # transformers 4
+        prefixes = ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.")
+    tower, projector, lm_body, lm_head = (_split(state, p) for p in prefixes)
+    if state:
+        raise CheckpointError(folder, f"unexpected weights for a llava model: {', '.join(sorted(state)[:4])}")
+    strategy = config.get("vision_feature_select_strategy", "default")
+    encoder = build_encoder({"kind": "clip-vision", "config": {k: v for k, v in vision_config.items() if k != "architectures"},
+                             "select_layer": layer, "select_feature": "patch" if strategy == "default" else "cls_patch"})
+    _load_strict(encoder.model, _clip_vision_keys(tower), folder, "CLIP vision tower")
+    lm_state = {f"model.{k}": v for k, v in lm_body.items()} | {f"lm_head.{k}": v for k, v in lm_head.items()}
+    language_model = _language_model(dict(config["text_config"]), lm_state, folder, dtype)
+    connector = build_connector({"kind": "mlp", "depth": 2}, encoder.out_dim, language_model.config.hidden_size)
+    _load_strict(connector, {k.replace("linear_1", "0").replace("linear_2", "2"): v for k, v in projector.items()},
+                 folder, "projector")
+    preprocess = _clip_processor(folder, vision_config.get("image_size", 224))
+    return _assemble(folder.name, encoder, connector, language_model, _tokenizer(folder), LLAVA, preprocess, dtype)
+
+
+def _clip_processor(folder: Path, size: int) -> ImagePreprocess:
+    """The folder's CLIPImageProcessor settings (shortest-side resize, centre crop, mean/std)."""
+    path = folder / "preprocessor_config.json"
+    values = json.loads(path.read_text()) if path.is_file() else {}
+    mean, std = tuple(values.get("image_mean", CLIP_MEAN)), tuple(values.get("image_std", CLIP_STD))
+    return ImagePreprocess(image_size=size, resize="shortest-side-crop", interpolation="bicubic", mean=mean, std=std)
+
+
+def _assemble(name: str, encoder: nn.Module, connector: nn.Module, language_model: nn.Module, tokenizer: Any,
+              prompt_format: Any, preprocess: ImagePreprocess, dtype: torch.dtype | None) -> VisionLanguageModel:
+    model = VisionLanguageModel(name, encoder, connector, language_model, tokenizer, prompt_format, preprocess)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

@@ -1,0 +1,196 @@
+"""Published vision-language layouts on tiny random checkpoints that the tests write themselves:
+LLaVA-Med v1.5's folder (LLaVA's keys, the CLIP tower in its own folder) and transformers' llava
+folder (transformers 4 and 5 key layouts). Each is compared with a forward pass written here from
+the original architecture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medfm.vlm.formats import load_llava_folder
+from tests.vlm_tiny import VISION, llama_config, tiny_tokenizer
+
+IMAGE = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+QUESTION = "is there a pleural effusion ?"
+
+
+def _clip_vision_state(seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    return tower, {f"vision_model.{k}": v for k, v in tower.state_dict().items()}  # as CLIPModel files name them
+
+
+def llava_reference(tower, projector: list[torch.Tensor], lm, tokenizer, prompt: str, pixels: torch.Tensor,
+                    select_layer: int = -2) -> torch.Tensor:
+    """LLaVA's forward: CLIP hidden layer ``select_layer`` without the class token, Linear-GELU-Linear,
+    the prompt tokenized per chunk around ``<image>`` (BOS on the first only), the image features
+    spliced in, the LM run on the embeddings."""
+    features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:]
+    w0, b0, w2, b2 = projector
+    image = F.linear(F.gelu(F.linear(features, w0, b0)), w2, b2)[0]
+    before, after = prompt.split("<image>")
+    ids_before = tokenizer(before).input_ids
+    ids_after = tokenizer(after).input_ids[1:]  # LLaVA strips the BOS of later chunks
+    table = lm.get_input_embeddings().weight
+    embeds = torch.cat([table[ids_before], image, table[ids_after]]).unsqueeze(0)
+    return lm(inputs_embeds=embeds).logits
+
+
+def write_llava_med(folder: Path) -> tuple[Path, Path]:
+    """A LLaVA-Med v1.5 folder (LlavaMistralForCausalLM keys, mlp2x_gelu projector) and the CLIP
+    folder its ``mm_vision_tower`` names, tiny and random."""
+    from safetensors.torch import save_file
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = {**llama_config(len(tokenizer)), "model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"],
+              "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": VISION["hidden_size"],
+              "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+              "sliding_window": None}
+    torch.manual_seed(1)
+    lm = MistralForCausalLM(MistralConfig(**{k: v for k, v in config.items() if not k.startswith("mm_")}))
+    state = dict(lm.state_dict())
+    g = torch.Generator().manual_seed(2)
+    hidden, width = VISION["hidden_size"], config["hidden_size"]
+    state |= {"model.mm_projector.0.weight": torch.randn(width, hidden, generator=g) * 0.2,
+              "model.mm_projector.0.bias": torch.randn(width, generator=g) * 0.1,
+              "model.mm_projector.2.weight": torch.randn(width, width, generator=g) * 0.2,
+              "model.mm_projector.2.bias": torch.randn(width, generator=g) * 0.1}
+    folder.mkdir(parents=True)
+    half = len(state) // 2  # sharded, as the published 7B folder
+    keys = sorted(state)
+    save_file({k: state[k].contiguous() for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
+    save_file({k: state[k].contiguous() for k in keys[half:]}, folder / "model-00002-of-00002.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(folder)
+    clip_folder = folder.parent / "clip-vit"
+    clip_folder.mkdir()
+    _, tower_state = _clip_vision_state(3)
+    text_part = {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 8), "logit_scale": torch.tensor(1.0)}
+    save_file({**tower_state, **text_part}, clip_folder / "model.safetensors")  # a whole CLIPModel: the text tower is left out
+    (clip_folder / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": VISION}))
+    return folder, clip_folder
+
+
+@pytest.fixture(scope="module")
+def llava_med(tmp_path_factory):
+    folder, clip_folder = write_llava_med(tmp_path_factory.mktemp("llava-med") / "llava-med-v1.5-mistral-7b")
+    return load_llava_folder(folder, vision_tower=clip_folder), folder, clip_folder
+
+
+def test_llava_med_matches_llava_forward(llava_med):
+    from safetensors.torch import load_file
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model, folder, clip_folder = llava_med
+    tower, _ = _clip_vision_state(3)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state |= load_file(file)
+    config = json.loads((folder / "config.json").read_text())
+    lm = MistralForCausalLM(MistralConfig(**{k: v for k, v in config.items() if not k.startswith("mm_")})).eval()
+    lm.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.mm_projector.")})
+    projector = [state[f"model.mm_projector.{i}.{p}"] for i in (0, 2) for p in ("weight", "bias")]
+    turns = [(QUESTION, None)]
+    prompt = model.prompt_format.render(turns)
+    assert prompt == "[INST] <image>\n" + QUESTION + " [/INST]"
+    pixels = model.pixels(IMAGE)
+    with torch.no_grad():
+        expected = llava_reference(tower, projector, lm, model.tokenizer, prompt, pixels)
+        actual = model.logits(model.prepare(turns, IMAGE))
+    assert actual.shape == expected.shape and actual.shape[1] > VISION_TOKENS
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+VISION_TOKENS = (VISION["image_size"] // VISION["patch_size"]) ** 2
+
+
+def test_llava_med_preprocess_pads_to_a_square(llava_med):
+    model = llava_med[0]
+    pixels = model.pixels(IMAGE)
+    assert pixels.shape == (1, 3, VISION["image_size"], VISION["image_size"])
+    assert torch.all(pixels[0, :, :, 0] == 0)  # 40x30 padded left and right with the mean (0 after normalising)
+
+
+def test_llava_med_generates_and_scores(llava_med):
+    model = llava_med[0]
+    pieces = []
+    text = model.generate(model.prepare([(QUESTION, None)], IMAGE), max_new_tokens=5, stream=pieces.append)
+    assert isinstance(text, str) and "".join(pieces).strip() == text
+    scores = model.score([(QUESTION, None)], IMAGE, ["yes", "no"])
+    assert len(scores) == 2 and all(s < 0 for s in scores) and scores[0] != scores[1]
+
+
+def test_llava_med_without_the_tower_names_the_fix(tmp_path):
+    from medfm.errors import CheckpointError
+
+    folder, _ = write_llava_med(tmp_path / "llava-med")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_llava_folder(folder, vision_tower=tmp_path / "clip-vit")
+
+
+# transformers' llava folder
+
+
+def write_transformers_llava(folder: Path, layout: int) -> torch.nn.Module:
+    """A transformers llava folder (CLIP + Llama), tiny and random; ``layout`` 4 renames the keys
+    as transformers 4 saved them."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**llama_config(len(tokenizer))),
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(4)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' default init leaves the projector biases at zero
+        for parameter in model.model.multi_modal_projector.parameters():
+            parameter.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    if layout == 4:
+        file = folder / "model.safetensors"
+        from safetensors.torch import load_file
+
+        renamed = {}
+        for key, value in load_file(file).items():
+            if key.startswith("model.language_model."):
+                key = "language_model.model." + key.removeprefix("model.language_model.")
+            elif key.startswith("lm_head."):
+                key = "language_model." + key
+            else:
+                key = key.removeprefix("model.")
+            renamed[key] = value
+        save_file(renamed, file)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "crop_size": {"height": 28, "width": 28}}))
+    return model
+
+
+@pytest.mark.parametrize("layout", [4, 5])
+def test_transformers_llava_matches_transformers(tmp_path, layout):
+    reference = write_transformers_llava(tmp_path / "llava", layout)
+    model = load_llava_folder(tmp_path / "llava")
+    turns = [(QUESTION, None)]
+    prompt = model.prompt_format.render(turns)
+    assert prompt == "USER: <image>\n" + QUESTION + " ASSISTANT:"
+    pixels = model.pixels(IMAGE)
+    before, after = prompt.split("<image>")
+    ids = (model.tokenizer(before).input_ids + [reference.config.image_token_id] * VISION_TOKENS
+           + model.tokenizer(after, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+        actual = model.logits(model.prepare(turns, IMAGE))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert model.generate(model.prepare(turns, IMAGE), max_new_tokens=3) is not None
