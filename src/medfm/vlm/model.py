@@ -26,7 +26,7 @@ Turns = Sequence[tuple[str, str | None]]
 
 
 @dataclass(frozen=True)
-class PromptFormat:
+class ImagePromptFormat:
     """How a model's conversations are written: ``system`` opens the prompt; each user turn is
     ``user`` with ``{text}`` filled (the first turn's text starts with ``image``, which holds the
     ``placeholder``); ``reply`` opens the model's answer, ``answer`` closes a finished one;
@@ -56,17 +56,17 @@ class PromptFormat:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PromptFormat:
+    def from_dict(cls, values: dict[str, Any]) -> ImagePromptFormat:
         """Inverse of `to_dict`."""
         return cls(**{k: tuple(v) if k == "stop" else v for k, v in values.items()})
 
 
 #: LLaVA-Med v1.5 (``--conv-mode mistral_instruct``)
-LLAVA_MED = PromptFormat("llava-med", user="[INST] {text} [/INST]", reply="", answer=" {text}</s>")
+LLAVA_MED = ImagePromptFormat("llava-med", user="[INST] {text} [/INST]", reply="", answer=" {text}</s>")
 #: LLaVA-1.5 as the transformers llava folders are prompted
-LLAVA = PromptFormat("llava", user="USER: {text} ", reply="ASSISTANT:", answer=" {text}</s>")
+LLAVA = ImagePromptFormat("llava", user="USER: {text} ", reply="ASSISTANT:", answer=" {text}</s>")
 #: XrayGPT (MiniGPT-4's conversation, "###" separated)
-XRAYGPT = PromptFormat(
+XRAYGPT = ImagePromptFormat(
     "xraygpt",
     system="A chat between a patient and an experienced Doctor.If you are a doctor, please answer the medical questions "
     "based on the patient's description. Give the following medical scan: <Img>ImageContent</Img>.You will be able "
@@ -81,7 +81,7 @@ class VisionLanguageModel(nn.Module):
     """Image encoder + connector + causal LM (transformers) + tokenizer + prompt format."""
 
     def __init__(self, name: str, encoder: nn.Module, connector: nn.Module, language_model: nn.Module, tokenizer: Any,
-                 prompt_format: PromptFormat, preprocess: ImagePreprocess) -> None:
+                 prompt_format: ImagePromptFormat, preprocess: ImagePreprocess) -> None:
         super().__init__()
         self.name = name
         self.encoder = encoder
@@ -165,6 +165,11 @@ class VisionLanguageModel(nn.Module):
             eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
         )
         return collector.finish()
+
+    def answer(self, turns: Turns, image: ImageLike | None, *, max_new_tokens: int = 128, temperature: float = 0.0,
+               seed: int | None = None, stream: Callable[[str], None] | None = None) -> str:
+        """The model's reply to the last turn of a conversation about ``image``."""
+        return self.generate(self.prepare(turns, image), max_new_tokens, temperature=temperature, seed=seed, stream=stream)
 
     @torch.inference_mode()
     def score(self, turns: Turns, image: ImageLike | None, continuations: Sequence[str]) -> list[float]:
