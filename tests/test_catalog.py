@@ -32,9 +32,12 @@ VISUALLY_PROMPTED = {
     "SAM-U", "SAMed", "AutoSAM", "MedSAM", "Medical SAM Adapter", "SAM-Med2D", "LiteMedSAM",  # adaptation
     "SAM", "SAM zero-shot study", "RadFM", "BiomedGPT", "Med-PaLM M", "GMAI",  # generalist
 }
+# language models medfm loads that the survey does not list (SmolLM2 is the offline default LM;
+# BioMedLM and BioGPT are the language models of MedBLIP and the biomedical GPT layouts)
+LANGUAGE_MODELS = {"SmolLM2", "BioMedLM", "BioGPT"}
 SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM-U", "SAM zero-shot study"}
 NO_PUBLIC_WEIGHTS = {
-    "Med-PaLM 2", "Med-PaLM M", "GMAI", "ClinicalGPT", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
+    "Med-PaLM 2", "Med-PaLM M", "GMAI", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
 }
 CARDS_DIR = Path(str(resources.files("medfm.catalog") / "cards"))
 
@@ -45,12 +48,12 @@ def names(cards: list[ModelCard]) -> set[str]:
 
 def test_every_system_of_the_survey_has_a_card():
     assert len(TEXTUALLY_PROMPTED | VISUALLY_PROMPTED) == 25
-    assert names(list_models()) == TEXTUALLY_PROMPTED | VISUALLY_PROMPTED
+    assert names(list_models()) == TEXTUALLY_PROMPTED | VISUALLY_PROMPTED | LANGUAGE_MODELS
 
 
 def test_every_card_validates_and_matches_its_file():
     cards = _load_cards(CARDS_DIR)
-    assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 25
+    assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 25 + len(LANGUAGE_MODELS)
     for card in cards:
         on_disk = json.loads((CARDS_DIR / f"{card.id}.json").read_text(encoding="utf-8"))
         assert card.to_dict() == on_disk
@@ -65,19 +68,26 @@ def test_support_tells_the_truth_today():
     # A card that claims to run published weights names registry entries that exist and point
     # back at it; everything else is planned or has no public weights.
     from medfm.clip.model import PUBLISHED_MODELS
+    from medfm.lm import LM_REGISTRY
     from medfm.segment.model import PRETRAINED
+
+    def registered(name: str, card_id: str) -> bool:
+        if name in PRETRAINED:
+            return PRETRAINED[name].card == card_id
+        return LM_REGISTRY[name].card == card_id if name in LM_REGISTRY else name in PUBLISHED_MODELS
 
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
     running = list_models(support="runs-published-weights")
-    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero"}
+    assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero", "smollm2"}
     for card in running:
-        assert card.medfm_names and all(
-            PRETRAINED[name].card == card.id if name in PRETRAINED else name in PUBLISHED_MODELS for name in card.medfm_names
-        )
+        assert card.medfm_names and all(registered(name, card.id) for name in card.medfm_names)
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
-    # prior-image fusion is built and tested, its weights not loaded
-    assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"}
+    # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
+    # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
+    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt"}
+    assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
+    assert all(registered(name, card_id) for card_id in language for name in get_card(card_id).medfm_names)
     # MedCLIP's semantic-matching loss trains medfm's dual encoders
     assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip"}
     assert {card.support for card in list_models()} == set(SUPPORT_LEVELS)
@@ -91,7 +101,7 @@ def test_to_dict_is_json_with_lists():
 
 
 def test_filter_by_category_and_subcategory():
-    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED
+    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED | LANGUAGE_MODELS
     assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED
     assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T"}
     assert names(list_models(category="hybrid")) == {"MedBLIP"}

