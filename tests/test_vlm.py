@@ -127,3 +127,39 @@ def test_cli_ask_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert expected in error and error.count("\n") == 1
+
+
+# the experts-to-text pipeline (Visual Med-Alpaca's idea) with the shipped medfm-clip-small
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from medfm.clip import load as load_classifier
+    from medfm.lm import load as load_lm
+    from medfm.vlm.experts import ExpertPipeline
+    from tests.tiny_lm import write_tiny_lm
+
+    folder = write_tiny_lm("llama", tmp_path_factory.mktemp("lm") / "tiny-llama")
+    language_model = load_lm(folder)
+    language_model.model.config.max_position_embeddings = 2048  # rotary positions: the byte-level findings text needs ~400
+    return ExpertPipeline(load_classifier("medfm-clip-small"), language_model)
+
+
+def test_pipeline_describes_the_image_and_the_lm_answers_from_it(pipeline):
+    from medfm.clip import classify
+
+    cxr = MedicalImage(np.random.default_rng(3).integers(0, 255, (64, 64)).astype(np.uint8), modality="X-ray",
+                       **image_geometry_2d())
+    findings = pipeline.findings(cxr)
+    expected = classify(cxr, ["pneumonia", "normal"], pipeline.classifier)
+    assert "Image type: a chest x-ray (from the file)." in findings
+    assert f"pneumonia {expected['pneumonia']:.2f}" in findings and "COVID-19" in findings
+    prompt = pipeline.prompt([("is there pneumonia?", None)], cxr)
+    assert findings in prompt and prompt.index(findings) < prompt.index("is there pneumonia?")
+    assert isinstance(ask(cxr, "is there pneumonia?", pipeline, max_new_tokens=4), str)
+    assert ask(cxr, "is there pneumonia?", pipeline, choices=["yes", "no"]) in {"yes", "no"}
+
+
+def test_pipeline_infers_the_image_kind_when_the_file_does_not_say(pipeline):
+    findings = pipeline.findings(IMAGE)
+    assert "Image type: " in findings and "(probability " in findings
