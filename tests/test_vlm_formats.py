@@ -194,3 +194,131 @@ def test_transformers_llava_matches_transformers(tmp_path, layout):
         actual = model.logits(model.prepare(turns, IMAGE))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert model.generate(model.prepare(turns, IMAGE), max_new_tokens=3) is not None
+
+
+# XrayGPT (MiniGPT-4: EVA ViT + ln_vision + BLIP-2 Q-Former + llama_proj)
+
+EVA = {"hidden": 176, "layers": 2, "heads": 2, "mlp": 96, "patch": 14, "image": 28}  # head width 88, as ViT-g
+QF = {"hidden": 128, "layers": 2, "mlp": 48, "queries": 3}  # head width 64, as BERT-base
+
+
+def write_xraygpt(folder: Path) -> tuple[Path, Path, Path]:
+    """XrayGPT's three files, tiny and random: the LAVIS BLIP-2 checkpoint (EVA ViT, ln_vision,
+    Q-Former with its text-only parts, query tokens), XrayGPT's ``{'model': {llama_proj...}}`` and
+    the Vicuna (LLaMA) folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(5)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    h, f = EVA["hidden"], EVA["mlp"]
+    blip2 = {"visual_encoder.cls_token": r(1, 1, h), "visual_encoder.pos_embed": r(1, 5, h),
+             "visual_encoder.patch_embed.proj.weight": r(h, 3, 14, 14), "visual_encoder.patch_embed.proj.bias": r(h),
+             "ln_vision.weight": 1 + r(h), "ln_vision.bias": r(h), "query_tokens": r(1, QF["queries"], QF["hidden"])}
+    for i in range(EVA["layers"]):
+        b = f"visual_encoder.blocks.{i}."
+        blip2 |= {b + "norm1.weight": 1 + r(h), b + "norm1.bias": r(h), b + "attn.qkv.weight": r(3 * h, h),
+                  b + "attn.q_bias": r(h), b + "attn.v_bias": r(h), b + "attn.proj.weight": r(h, h), b + "attn.proj.bias": r(h),
+                  b + "norm2.weight": 1 + r(h), b + "norm2.bias": r(h), b + "mlp.fc1.weight": r(f, h), b + "mlp.fc1.bias": r(f),
+                  b + "mlp.fc2.weight": r(h, f), b + "mlp.fc2.bias": r(h)}
+    q, m = QF["hidden"], QF["mlp"]
+    blip2 |= {"Qformer.bert.embeddings.LayerNorm.weight": 1 + r(q), "Qformer.bert.embeddings.LayerNorm.bias": r(q),
+              "Qformer.bert.embeddings.word_embeddings.weight": r(30, q), "Qformer.bert.embeddings.position_embeddings.weight": r(8, q),
+              "Qformer.cls.predictions.bias": r(30)}
+    for i in range(QF["layers"]):
+        b = f"Qformer.bert.encoder.layer.{i}."
+        attentions = ["attention"] + (["crossattention"] if i % 2 == 0 else [])
+        for attention in attentions:
+            width = h if attention == "crossattention" else q
+            for name in ("query", "key", "value"):
+                blip2 |= {f"{b}{attention}.self.{name}.weight": r(q, q if name == "query" else width),
+                          f"{b}{attention}.self.{name}.bias": r(q)}
+            blip2 |= {f"{b}{attention}.output.dense.weight": r(q, q), f"{b}{attention}.output.dense.bias": r(q),
+                      f"{b}{attention}.output.LayerNorm.weight": 1 + r(q), f"{b}{attention}.output.LayerNorm.bias": r(q)}
+        for branch in ("", "_query"):  # the text FFN (unused by MiniGPT-4) and the query FFN
+            blip2 |= {f"{b}intermediate{branch}.dense.weight": r(m, q), f"{b}intermediate{branch}.dense.bias": r(m),
+                      f"{b}output{branch}.dense.weight": r(q, m), f"{b}output{branch}.dense.bias": r(q),
+                      f"{b}output{branch}.LayerNorm.weight": 1 + r(q), f"{b}output{branch}.LayerNorm.bias": r(q)}
+    folder.mkdir(parents=True)
+    torch.save({"model": blip2}, folder / "blip2_pretrained_flant5xxl.pth")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(6)
+    llama = LlamaForCausalLM(LlamaConfig(**llama_config(len(tokenizer))))
+    llama.save_pretrained(folder / "vicuna_radiology")
+    tokenizer.save_pretrained(folder / "vicuna_radiology")
+    torch.save({"model": {"llama_proj.weight": r(32, q), "llama_proj.bias": r(32)}}, folder / "xraygpt_pretrained1.pth")
+    return folder / "xraygpt_pretrained1.pth", folder / "blip2_pretrained_flant5xxl.pth", folder / "vicuna_radiology"
+
+
+def minigpt4_reference(blip2: dict, proj: dict, lm, tokenizer, prompt: str, pixels: torch.Tensor) -> torch.Tensor:
+    """MiniGPT-4's forward: ln_vision(EVA ViT) -> Q-Former bert(query_embeds=query_tokens) -> llama_proj,
+    spliced at <ImageHere> with the BOS on the first segment only (``get_context_emb``)."""
+    v = lambda n: blip2[f"visual_encoder.{n}"]  # noqa: E731
+    h = EVA["hidden"]
+    x = F.conv2d(pixels, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=14).flatten(2).transpose(1, 2)
+    x = torch.cat([v("cls_token"), x], 1) + v("pos_embed")
+    for i in range(EVA["layers"]):
+        b = f"blocks.{i}."
+        y = F.layer_norm(x, (h,), v(b + "norm1.weight"), v(b + "norm1.bias"), eps=1e-6)
+        bias = torch.cat([v(b + "attn.q_bias"), torch.zeros(h), v(b + "attn.v_bias")])
+        qkv = F.linear(y, v(b + "attn.qkv.weight"), bias).reshape(1, -1, 3, EVA["heads"], 88).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(qkv[0] * 88 ** -0.5 @ qkv[1].transpose(-2, -1), -1) @ qkv[2]
+        x = x + F.linear(attention.transpose(1, 2).reshape(1, -1, h), v(b + "attn.proj.weight"), v(b + "attn.proj.bias"))
+        y = F.layer_norm(x, (h,), v(b + "norm2.weight"), v(b + "norm2.bias"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(y, v(b + "mlp.fc1.weight"), v(b + "mlp.fc1.bias"))), v(b + "mlp.fc2.weight"), v(b + "mlp.fc2.bias"))
+    image = F.layer_norm(x, (h,), blip2["ln_vision.weight"], blip2["ln_vision.bias"], eps=1e-6)
+
+    qb = lambda n: blip2[f"Qformer.bert.{n}"]  # noqa: E731
+    q = QF["hidden"]
+    ln = lambda t, n: F.layer_norm(t, (q,), qb(n + ".weight"), qb(n + ".bias"), eps=1e-12)  # noqa: E731
+    lin = lambda t, n: F.linear(t, qb(n + ".weight"), qb(n + ".bias"))  # noqa: E731
+
+    def attend(t, context, n):
+        split = lambda z: z.reshape(1, -1, q // 64, 64).transpose(1, 2)  # noqa: E731
+        scores = split(lin(t, n + ".self.query")) @ split(lin(context, n + ".self.key")).transpose(-2, -1) / 8.0
+        out = (torch.softmax(scores, -1) @ split(lin(context, n + ".self.value"))).transpose(1, 2).reshape(1, -1, q)
+        return ln(t + lin(out, n + ".output.dense"), n + ".output.LayerNorm")
+
+    t = ln(blip2["query_tokens"], "embeddings.LayerNorm")
+    for i in range(QF["layers"]):
+        b = f"encoder.layer.{i}."
+        t = attend(t, t, b + "attention")
+        if i % 2 == 0:
+            t = attend(t, image, b + "crossattention")
+        t = ln(t + lin(F.gelu(lin(t, b + "intermediate_query.dense")), b + "output_query.dense"), b + "output_query.LayerNorm")
+    tokens = F.linear(t, proj["llama_proj.weight"], proj["llama_proj.bias"])[0]
+    before, after = prompt.split("<ImageHere>")
+    table = lm.get_input_embeddings().weight
+    ids_before = tokenizer(before, add_special_tokens=True).input_ids
+    ids_after = tokenizer(after, add_special_tokens=False).input_ids
+    return lm(inputs_embeds=torch.cat([table[ids_before], tokens, table[ids_after]]).unsqueeze(0)).logits
+
+
+def test_xraygpt_matches_minigpt4_forward(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from medfm.vlm.formats import load_xraygpt
+
+    checkpoint, blip2_file, vicuna = write_xraygpt(tmp_path / "xraygpt")
+    model = load_xraygpt(checkpoint, blip2_file, vicuna)
+    blip2 = torch.load(blip2_file, weights_only=True)["model"]
+    proj = torch.load(checkpoint, weights_only=True)["model"]
+    lm = LlamaForCausalLM.from_pretrained(vicuna).eval()
+    turns = [("is there a pleural effusion ?", None)]
+    prompt = model.prompt_format.render(turns)
+    assert prompt.endswith("###Patient: <Img><ImageHere></Img> is there a pleural effusion ?###Doctor:")
+    pixels = model.pixels(IMAGE)
+    assert pixels.shape == (1, 3, EVA["image"], EVA["image"])  # stretched, as BLIP-2's eval processor
+    with torch.no_grad():
+        expected = minigpt4_reference(blip2, proj, lm, model.tokenizer, prompt, pixels)
+        actual = model.logits(model.prepare(turns, IMAGE))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert isinstance(model.answer(turns, IMAGE, max_new_tokens=3), str)
+
+
+def test_xraygpt_names_the_file_that_lacks_its_part(tmp_path):
+    from medfm.errors import CheckpointError
+    from medfm.vlm.formats import load_xraygpt
+
+    checkpoint, blip2_file, vicuna = write_xraygpt(tmp_path / "xraygpt")
+    with pytest.raises(CheckpointError, match="blip2_pretrained_flant5xxl.pth: holds no llama_proj"):
+        load_xraygpt(blip2_file, blip2_file, vicuna)

@@ -208,3 +208,89 @@ def _assemble(name: str, encoder: nn.Module, connector: nn.Module, language_mode
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+# XrayGPT (MiniGPT-4's layout)
+
+#: EVA-CLIP ViT-g's and BERT's head widths: the head counts are not in the tensors' shapes
+EVA_HEAD_DIM, QFORMER_HEAD_DIM = 88, 64
+#: BLIP-2's eval processor: both sides to 224 px (bicubic), CLIP's mean/std
+BLIP2_PREPROCESS = ImagePreprocess(image_size=224, resize="stretch", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+
+
+def load_xraygpt(checkpoint: str | PathLike[str], blip2: str | PathLike[str], language_model: str | PathLike[str], *,
+                 eva: str | PathLike[str] | None = None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """XrayGPT as MiniGPT-4 assembles it: EVA-CLIP ViT-g and ``ln_vision`` and the Q-Former with its
+    32 queries from the BLIP-2 checkpoint ``blip2`` (LAVIS' ``blip2_pretrained_flant5xxl.pth``; the
+    ViT from ``eva``, ``eva_vit_g.pth``, when the BLIP-2 file lacks it), ``llama_proj`` from
+    XrayGPT's ``checkpoint`` (``{'model': ...}``; any key there overrides BLIP-2's, as MiniGPT-4
+    loads it), and the LM (XrayGPT's fine-tuned Vicuna folder) through `medfm.lm.load`."""
+    from medfm.lm import load as load_lm
+    from medfm.segment.checkpoints import load_state_dict_file
+
+    state = load_state_dict_file(blip2) | load_state_dict_file(checkpoint)
+    if eva is not None:
+        state |= {f"visual_encoder.{k}": v for k, v in load_state_dict_file(eva).items()}
+    for prefix, source in (("visual_encoder.", eva or blip2), ("Qformer.bert.", blip2), ("llama_proj.", checkpoint)):
+        if not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(source, f"holds no {prefix}* weights: is it the right file of XrayGPT's three?")
+    lm = load_lm(language_model, dtype=dtype)
+    vision_state, vision_config = _eva_to_transformers(_split(state, "visual_encoder."), _split(state, "ln_vision."))
+    encoder = build_encoder({"kind": "blip2-vision", "config": vision_config})
+    _load_strict(encoder.model, vision_state, Path(blip2), "EVA ViT")
+    query_tokens = state.pop("query_tokens")
+    qformer_state, qformer_config = _lavis_qformer_to_transformers(_split(state, "Qformer.bert."))
+    connector = build_connector({"kind": "qformer", "config": qformer_config, "num_query_tokens": query_tokens.shape[1]},
+                                encoder.out_dim, lm.model.config.hidden_size)
+    connector_state = {f"qformer.{k}": v for k, v in qformer_state.items()} | {"query_tokens": query_tokens}
+    connector_state |= {f"projection.{k}": v for k, v in _split(state, "llama_proj.").items()}
+    _load_strict(connector, connector_state, Path(checkpoint), "Q-Former and llama_proj")
+    from medfm.vlm.model import XRAYGPT
+
+    preprocess = ImagePreprocess(**{**BLIP2_PREPROCESS.to_dict(), "image_size": vision_config["image_size"]})
+    return _assemble("xraygpt", encoder, connector, lm.model, lm.tokenizer, XRAYGPT, preprocess, dtype)
+
+
+def _eva_to_transformers(vit: dict[str, Tensor], norm: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """LAVIS' EVA ViT (``blocks.N.attn.qkv`` + ``q_bias``/``v_bias``) and ``ln_vision`` as
+    transformers' ``Blip2VisionModel``, with the config its shapes say."""
+    hidden = vit["cls_token"].shape[-1]
+    patch = vit["patch_embed.proj.weight"].shape[-1]
+    layers = len({k.split(".")[1] for k in vit if k.startswith("blocks.")})
+    out = {"embeddings.class_embedding": vit["cls_token"], "embeddings.position_embedding": vit["pos_embed"],
+           "embeddings.patch_embedding.weight": vit["patch_embed.proj.weight"],
+           "embeddings.patch_embedding.bias": vit["patch_embed.proj.bias"],
+           "post_layernorm.weight": norm["weight"], "post_layernorm.bias": norm["bias"]}
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2", "attn.qkv": "self_attn.qkv"}
+    for i in range(layers):
+        for old, new in names.items():
+            for kind in ("weight", "bias"):
+                if f"blocks.{i}.{old}.{kind}" in vit:
+                    out[f"encoder.layers.{i}.{new}.{kind}"] = vit[f"blocks.{i}.{old}.{kind}"]
+        q_bias, v_bias = vit[f"blocks.{i}.attn.q_bias"], vit[f"blocks.{i}.attn.v_bias"]
+        out[f"encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    config = {"hidden_size": hidden, "intermediate_size": vit["blocks.0.mlp.fc1.weight"].shape[0],
+              "num_hidden_layers": layers, "num_attention_heads": hidden // EVA_HEAD_DIM, "patch_size": patch,
+              "image_size": int(round((vit["pos_embed"].shape[1] - 1) ** 0.5)) * patch, "layer_norm_eps": 1e-6,
+              "qkv_bias": True, "hidden_act": "gelu"}
+    return out, config
+
+
+def _lavis_qformer_to_transformers(bert: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """LAVIS' Q-Former (a BERT with cross-attention every few layers; its text-only parts unused by
+    MiniGPT-4 dropped) as transformers' ``Blip2QFormerModel``, with the config its shapes say."""
+    out = {}
+    for key, value in bert.items():
+        if key.startswith("embeddings.LayerNorm."):
+            out[key.replace("embeddings.LayerNorm.", "layernorm.")] = value
+        elif key.startswith("encoder.layer.") and key.split(".")[3] not in {"intermediate", "output"}:  # text-only FFN
+            out[key.replace(".attention.self.", ".attention.attention.").replace(".crossattention.self.", ".crossattention.attention.")] = value
+    hidden = out["layernorm.weight"].shape[0]
+    layers = len({k.split(".")[2] for k in out if k.startswith("encoder.layer.")})
+    cross = sorted({int(k.split(".")[2]) for k in out if ".crossattention." in k})
+    config = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": hidden // QFORMER_HEAD_DIM,
+              "intermediate_size": out["encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+              "cross_attention_frequency": cross[1] - cross[0] if len(cross) > 1 else layers, "layer_norm_eps": 1e-12,
+              "vocab_size": bert["embeddings.word_embeddings.weight"].shape[0] if "embeddings.word_embeddings.weight" in bert else 2}
+    return out, config
