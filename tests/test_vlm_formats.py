@@ -322,3 +322,14 @@ def test_xraygpt_names_the_file_that_lacks_its_part(tmp_path):
     checkpoint, blip2_file, vicuna = write_xraygpt(tmp_path / "xraygpt")
     with pytest.raises(CheckpointError, match="blip2_pretrained_flant5xxl.pth: holds no llama_proj"):
         load_xraygpt(blip2_file, blip2_file, vicuna)
+
+
+def test_xraygpt_loads_by_name_from_one_folder(tmp_path):
+    from medfm.errors import InputFileError
+    from medfm.vlm.api import load
+
+    checkpoint, _, _ = write_xraygpt(tmp_path / "xraygpt")
+    assert load("xraygpt", weights=tmp_path / "xraygpt").prompt_format.name == "xraygpt"
+    checkpoint.unlink()
+    with pytest.raises(InputFileError, match="one other .pth"):
+        load("xraygpt", weights=tmp_path / "xraygpt")

@@ -32,8 +32,9 @@ Model = Any  # VisionLanguageModel | ExpertPipeline
 def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | PathLike[str] | None = None,
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
-    (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online), or a
-    LLaVA / LLaVA-Med / transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
+    (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
+    ``xraygpt`` (``weights=`` a folder of its three downloads), or a LLaVA / LLaVA-Med /
+    transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
     folder whose tower is not inside it."""
     from medfm.hub import hub_snapshot
     from medfm.vlm.formats import is_llava_folder, load_llava_folder
@@ -41,13 +42,35 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     name = str(name_or_path or DEFAULT_MODEL)
     if name == DEFAULT_MODEL:
         return _expert_pipeline(device)
+    if name == "xraygpt":
+        return _xraygpt(weights, dtype).to(device)
     if name in PUBLISHED:
         folder = Path(weights) if weights is not None else hub_snapshot(PUBLISHED[name], ("*.json", "*.safetensors", "*.model"))
         return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
     if Path(name).is_dir() and is_llava_folder(Path(name)):
         return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
-    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED)}, "
+    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED)}, xraygpt, "
                      "or a LLaVA / transformers llava folder")
+
+
+def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+    """XrayGPT from a folder holding its three parts as its README names them: the BLIP-2 checkpoint
+    (``blip2_pretrained*.pth``), XrayGPT's own ``.pth`` (``llama_proj``), the Vicuna folder, and
+    optionally ``eva_vit_g.pth``."""
+    from medfm.vlm.formats import load_xraygpt
+
+    folder = Path(weights) if weights is not None else None
+    if folder is None or not folder.is_dir():
+        raise MedfmError("xraygpt's weights are spread over three downloads (see its README): put them in one folder "
+                         "and pass weights=FOLDER (blip2_pretrained*.pth, XrayGPT's .pth, the Vicuna folder)")
+    blip2 = sorted(folder.glob("blip2_pretrained*.pth"))
+    eva = folder / "eva_vit_g.pth"
+    own = [p for p in sorted(folder.glob("*.pth")) if p not in blip2 and p != eva]
+    lms = [p for p in sorted(folder.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+    if len(blip2) != 1 or len(own) != 1 or len(lms) != 1:
+        raise InputFileError(folder, f"needs exactly one blip2_pretrained*.pth ({len(blip2)} found), one other .pth "
+                             f"(XrayGPT's, {len(own)} found) and one LM folder with config.json ({len(lms)} found)")
+    return load_xraygpt(own[0], blip2[0], lms[0], eva=eva if eva.is_file() else None, dtype=dtype)
 
 
 def _expert_pipeline(device: str) -> Model:
