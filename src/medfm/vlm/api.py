@@ -20,6 +20,8 @@ from medfm.io import MedicalImage, read_image
 DEFAULT_MODEL = "medfm-experts-smollm2"
 #: published models loaded by name; their weights: ``weights=`` a local folder, or the hub when online
 PUBLISHED = {"llava-med": "microsoft/llava-med-v1.5-mistral-7b"}
+#: every published model `load` takes by name (XrayGPT's weights are not on the hub: ``weights=`` a folder)
+PUBLISHED_NAMES = (*PUBLISHED, "xraygpt")
 REPORT_REQUESTS = {
     "dermoscopy": "Describe this skin lesion in a short findings-style report.",
     None: "Write a short findings section of a radiology report for this image.",
@@ -49,7 +51,7 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
         return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
     if Path(name).is_dir() and is_llava_folder(Path(name)):
         return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
-    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED)}, xraygpt, "
+    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED_NAMES)}, "
                      "or a LLaVA / transformers llava folder")
 
 
