@@ -333,3 +333,26 @@ def test_xraygpt_loads_by_name_from_one_folder(tmp_path):
     checkpoint.unlink()
     with pytest.raises(InputFileError, match="one other .pth"):
         load("xraygpt", weights=tmp_path / "xraygpt")
+
+
+def test_cli_ask_report_and_chat_with_a_llava_folder(tmp_path, capsys, monkeypatch):
+    import medfm
+    from medfm.cli import main
+
+    def run(*argv: str) -> str:
+        monkeypatch.setattr("sys.argv", ["medfm", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    write_transformers_llava(tmp_path / "llava", 5)
+    image = tmp_path / "cxr.png"
+    medfm.write_image(IMAGE, image)
+    folder = str(tmp_path / "llava")
+    answer = json.loads(run("ask", str(image), QUESTION, "--model", folder, "--json", "--choices", "yes", "no"))["answer"]
+    assert answer in {"yes", "no"}
+    assert run("report", str(image), "--model", folder, "--max-new-tokens", "3").endswith("\n")
+    replies = iter(["what is shown ?", "is there a finding ?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert run("chat", str(image), "--model", folder, "--max-new-tokens", "2").count("model> ") == 2
