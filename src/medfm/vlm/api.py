@@ -144,7 +144,7 @@ def ask(image: str | PathLike[str] | MedicalImage, question: str, model: Model |
     network = resolve_model(model, weights)
     if options is not None:
         scores = network.score([(question, None)], picture, options)
-        answer = options[max(range(len(options)), key=scores.__getitem__)]
+        answer = list(choices)[max(range(len(options)), key=scores.__getitem__)]  # as given, not stripped
         if stream is not None:
             stream(answer)
         return answer
