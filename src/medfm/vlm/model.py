@@ -1,6 +1,5 @@
 """`VisionLanguageModel`: image encoder -> connector -> causal language model, the shape shared by
-LLaVA / LLaVA-Med (CLIP + MLP), MiniGPT-4 / XrayGPT (EVA ViT + Q-Former + linear) and
-medfm's own models.
+LLaVA / LLaVA-Med (CLIP + MLP) and MiniGPT-4 / XrayGPT (EVA ViT + Q-Former + linear).
 
 The connector's output tokens replace the prompt's image placeholder: the prompt is split at the
 placeholder, each piece tokenized (the first with the tokenizer's BOS, as LLaVA's
@@ -12,7 +11,7 @@ tokens go between, so the LM runs on ``inputs_embeds``. Generation streams throu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from medfm.clip.preprocess import ImageLike, ImagePreprocess, image_rgb
 from medfm.errors import PromptError
+from medfm.lm.prompting import PromptFormat, render
 
 #: (question, answer) turns of a conversation; the last answer is ``None`` while it is awaited.
 Turns = Sequence[tuple[str, str | None]]
@@ -27,53 +27,49 @@ Turns = Sequence[tuple[str, str | None]]
 
 @dataclass(frozen=True)
 class ImagePromptFormat:
-    """How a model's conversations are written: ``system`` opens the prompt; each user turn is
-    ``user`` with ``{text}`` filled (the first turn's text starts with ``image``, which holds the
-    ``placeholder``); ``reply`` opens the model's answer, ``answer`` closes a finished one;
-    generation stops at any of ``stop``."""
+    """How a model's conversations about an image are written: the turns in a `medfm.lm`
+    ``text`` format, the first question opened by ``image``, which holds the ``placeholder``
+    where the image's tokens go."""
 
     name: str
-    user: str
-    reply: str
-    answer: str = " {text}"
-    system: str = ""
+    text: PromptFormat
     image: str = "<image>\n"
     placeholder: str = "<image>"
-    stop: tuple[str, ...] = ()
 
-    def render(self, turns: Turns, image: bool = True) -> str:
-        """The prompt text of ``turns`` (the image in the first user turn when ``image``)."""
-        parts = [self.system]
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Where an answer ends (the next turn's marker)."""
+        return self.text.stop
+
+    @property
+    def answer_opening(self) -> str:
+        """What comes between the reply cue and an answer's first word (e.g. a space)."""
+        return self.text.assistant.split("{content}")[0].removeprefix(self.text.reply)
+
+    def render(self, turns: Turns, image: bool = True, tokenizer: Any = None) -> str:
+        """The prompt text of ``turns`` (the image in the first question when ``image``)."""
+        messages = []
         for index, (question, answer) in enumerate(turns):
-            text = (self.image if image and index == 0 else "") + question
-            parts.append(self.user.format(text=text) + self.reply)
+            messages.append({"role": "user", "content": (self.image if image and index == 0 else "") + question})
             if answer is not None:
-                parts.append(self.answer.format(text=answer))
-        return "".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for a model's ``config.json``."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ImagePromptFormat:
-        """Inverse of `to_dict`."""
-        return cls(**{k: tuple(v) if k == "stop" else v for k, v in values.items()})
+                messages.append({"role": "assistant", "content": answer})
+        return render(self.text, messages, tokenizer)
 
 
 #: LLaVA-Med v1.5 (``--conv-mode mistral_instruct``)
-LLAVA_MED = ImagePromptFormat("llava-med", user="[INST] {text} [/INST]", reply="", answer=" {text}</s>")
+LLAVA_MED = ImagePromptFormat("llava-med", PromptFormat("llava-med", user="[INST] {content} [/INST]",
+                                                        assistant=" {content}</s>"))
 #: LLaVA-1.5 as the transformers llava folders are prompted
-LLAVA = ImagePromptFormat("llava", user="USER: {text} ", reply="ASSISTANT:", answer=" {text}</s>")
+LLAVA = ImagePromptFormat("llava", PromptFormat("llava", user="USER: {content} ", assistant="ASSISTANT: {content}</s>",
+                                                reply="ASSISTANT:"))
 #: XrayGPT (MiniGPT-4's conversation, "###" separated)
-XRAYGPT = ImagePromptFormat(
+XRAYGPT = ImagePromptFormat("xraygpt", PromptFormat(
     "xraygpt",
     system="A chat between a patient and an experienced Doctor.If you are a doctor, please answer the medical questions "
     "based on the patient's description. Give the following medical scan: <Img>ImageContent</Img>.You will be able "
     "to see the medical scan once I provide it to you. Please answer the patients questions.",
-    user="###Patient: {text}", reply="###Doctor:", answer=" {text}", image="<Img><ImageHere></Img> ",
-    placeholder="<ImageHere>", stop=("###",),
-)
+    user="###Patient: {content}", assistant="###Doctor: {content}", reply="###Doctor:", stop=("###",),
+), image="<Img><ImageHere></Img> ", placeholder="<ImageHere>")
 FORMATS = {f.name: f for f in (LLAVA_MED, LLAVA, XRAYGPT)}
 
 
@@ -137,7 +133,7 @@ class VisionLanguageModel(nn.Module):
     def prepare(self, turns: Turns, image: ImageLike | None) -> Tensor:
         """The input embeddings of a conversation about ``image`` (or none)."""
         tokens = None if image is None else self.image_tokens(self.pixels(image))
-        return self.embed(self.prompt_format.render(turns, image=image is not None), tokens)
+        return self.embed(self.prompt_format.render(turns, image is not None, self.tokenizer), tokens)
 
     def logits(self, embeds: Tensor) -> Tensor:
         """(1, L, vocabulary) next-token logits over input embeddings."""
@@ -175,12 +171,12 @@ class VisionLanguageModel(nn.Module):
     def score(self, turns: Turns, image: ImageLike | None, continuations: Sequence[str]) -> list[float]:
         """The log-likelihood of each continuation as the model's reply to the last turn (written as
         the prompt format writes answers, e.g. after a space)."""
-        prompt = self.prompt_format.render(turns, image=image is not None)
+        prompt = self.prompt_format.render(turns, image is not None, self.tokenizer)
         tokens = None if image is None else self.image_tokens(self.pixels(image))
         prefix = self.embed(prompt, tokens)
         tail = prompt.split(self.prompt_format.placeholder)[-1]
         embedding = self.language_model.get_input_embeddings()
-        opening = self.prompt_format.answer.split("{text}")[0]
+        opening = self.prompt_format.answer_opening
         scores = []
         for continuation in continuations:
             ids = continuation_ids(self.tokenizer, tail, opening + continuation).to(self.device)
