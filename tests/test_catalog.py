@@ -87,7 +87,7 @@ def test_support_tells_the_truth_today():
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
     # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
     # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
-    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt"}
+    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo"}
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
     assert all(registered(name, card_id) for card_id in language for name in get_card(card_id).medfm_names)

@@ -356,3 +356,142 @@ def test_cli_ask_report_and_chat_with_a_llava_folder(tmp_path, capsys, monkeypat
     replies = iter(["what is shown ?", "is there a finding ?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
     assert run("chat", str(image), "--model", folder, "--max-new-tokens", "2").count("model> ") == 2
+
+
+# Med-Flamingo (OpenFlamingo: CLIP ViT-L/14 tokens -> perceiver; gated cross-attention every N LLaMA layers)
+
+
+def write_med_flamingo(folder: Path) -> tuple[Path, Path, Path]:
+    """Med-Flamingo's model.pt (perceiver, gated cross-attention before layers 1 and 3 of 4, the
+    trained embeddings of the added tokens), the LLaMA folder and the CLIP folder, tiny and random."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(8)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    d, inner, text = VISION["hidden_size"], 64, 32
+    state = {"perceiver.latents": r(3, d), "perceiver.norm.weight": 1 + r(d), "perceiver.norm.bias": r(d)}
+    for i in range(2):
+        p = f"perceiver.layers.{i}."
+        state |= {p + "0.norm_media.weight": 1 + r(d), p + "0.norm_media.bias": r(d), p + "0.norm_latents.weight": 1 + r(d),
+                  p + "0.norm_latents.bias": r(d), p + "0.to_q.weight": r(inner, d), p + "0.to_kv.weight": r(2 * inner, d),
+                  p + "0.to_out.weight": r(d, inner), p + "1.0.weight": 1 + r(d), p + "1.0.bias": r(d),
+                  p + "1.1.weight": r(4 * d, d), p + "1.3.weight": r(d, 4 * d)}
+    for i in (1, 3):
+        p = f"lang_encoder.gated_cross_attn_layers.{i}."
+        block = {"attn.norm.weight": 1 + r(text), "attn.norm.bias": r(text), "attn.to_q.weight": r(inner, text),
+                 "attn.to_kv.weight": r(2 * inner, d), "attn.to_out.weight": r(text, inner), "attn_gate": r(1) + 0.5,
+                 "ff.0.weight": 1 + r(text), "ff.0.bias": r(text), "ff.1.weight": r(4 * text, text),
+                 "ff.3.weight": r(text, 4 * text), "ff_gate": r(1) + 0.5}
+        state |= {p + k: v for k, v in block.items()}
+        state |= {f"lang_encoder.model.layers.{i}.gated_cross_attn_layer.{k}": v for k, v in block.items()}  # FlamingoLayer's copy
+    tokenizer = tiny_tokenizer()
+    rows = len(tokenizer) + 2  # <|endofchunk|> and <PAD> added by OpenFlamingo (<image> is already in this one)
+    state |= {"lang_encoder.model.embed_tokens.weight": r(rows, text), "lang_encoder.lm_head.weight": r(rows, text)}
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "model.pt")
+    torch.manual_seed(9)
+    llama = LlamaForCausalLM(LlamaConfig(**{**llama_config(len(tokenizer)), "num_hidden_layers": 4}))
+    llama.save_pretrained(folder / "llama-7b")
+    tokenizer.save_pretrained(folder / "llama-7b")
+    (folder / "clip-vit-large-patch14").mkdir()
+    save_file(_clip_vision_state(10)[1], folder / "clip-vit-large-patch14" / "model.safetensors")
+    (folder / "clip-vit-large-patch14" / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": VISION}))
+    return folder / "model.pt", folder / "llama-7b", folder / "clip-vit-large-patch14"
+
+
+def open_flamingo_reference(state: dict, tower, lm, ids: torch.Tensor, image_id: int, pixels: torch.Tensor) -> torch.Tensor:
+    """OpenFlamingo's forward (helpers.py): ln_post'ed patch tokens -> PerceiverResampler; before
+    each gated layer, MaskedCrossAttention (text attends only after its <image>) and the FF, each
+    through a tanh gate; injected here with forward pre-hooks on transformers' LLaMA layers."""
+    heads, dh = 1, 64
+
+    def attention(q, k, v, mask=None):
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, dh).transpose(1, 2)  # noqa: E731
+        sim = (split(q) * dh ** -0.5) @ split(k).transpose(-2, -1)
+        if mask is not None:
+            sim = sim.masked_fill(~mask, -torch.finfo(sim.dtype).max)
+        sim = sim - sim.amax(dim=-1, keepdim=True)
+        attn = sim.softmax(-1)
+        if mask is not None:
+            attn = attn.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        return (attn @ split(v)).transpose(1, 2).flatten(2)
+
+    def ln(x, prefix):
+        return F.layer_norm(x, x.shape[-1:], state[prefix + ".weight"], state[prefix + ".bias"], eps=1e-5)
+
+    def ff(x, prefix):
+        return F.linear(F.gelu(F.linear(ln(x, prefix + ".0"), state[prefix + ".1.weight"])), state[prefix + ".3.weight"])
+
+    hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    media = tower.post_layernorm(hidden)[:, 1:]
+    latents = state["perceiver.latents"][None]
+    for i in range(2):
+        p = f"perceiver.layers.{i}."
+        x, lat = ln(media, p + "0.norm_media"), ln(latents, p + "0.norm_latents")
+        k, v = F.linear(torch.cat([x, lat], 1), state[p + "0.to_kv.weight"]).chunk(2, -1)
+        latents = F.linear(attention(F.linear(lat, state[p + "0.to_q.weight"]), k, v), state[p + "0.to_out.weight"]) + latents
+        latents = ff(latents, p + "1") + latents
+    media = ln(latents, "perceiver.norm")
+    text_time = (ids == image_id).cumsum(-1)
+    mask = (text_time[None, None, :, None] == 1).expand(1, heads, len(ids), media.shape[1])
+
+    def hook(index):
+        def gated(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            p = f"lang_encoder.gated_cross_attn_layers.{index}."
+            k, v = F.linear(media, state[p + "attn.to_kv.weight"]).chunk(2, -1)
+            q = F.linear(ln(x, p + "attn.norm"), state[p + "attn.to_q.weight"])
+            x = F.linear(attention(q, k, v, mask), state[p + "attn.to_out.weight"]) * state[p + "attn_gate"].tanh() + x
+            x = ff(x, p + "ff") * state[p + "ff_gate"].tanh() + x
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        return gated
+
+    handles = [lm.model.layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in (1, 3)]
+    try:
+        return lm(input_ids=ids[None]).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_med_flamingo_matches_open_flamingo_forward(tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from medfm.vlm.formats import load_med_flamingo
+
+    checkpoint, llama_folder, clip_folder = write_med_flamingo(tmp_path / "med-flamingo")
+    model = load_med_flamingo(checkpoint, llama_folder, clip_folder)
+    state = torch.load(checkpoint, weights_only=True)
+    tower, _ = _clip_vision_state(10)
+    tokenizer = AutoTokenizer.from_pretrained(llama_folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    lm = LlamaForCausalLM.from_pretrained(llama_folder).eval()
+    lm.resize_token_embeddings(len(tokenizer))
+    lm.model.embed_tokens.weight.data.copy_(state["lang_encoder.model.embed_tokens.weight"])
+    lm.lm_head.weight.data.copy_(state["lang_encoder.lm_head.weight"])
+    turns = [("is there a pleural effusion ?", None)]
+    prompt = model.prompt_format.render(turns)
+    assert prompt.endswith("question. <image>Question: is there a pleural effusion ? Answer:")
+    ids = torch.tensor(tokenizer(prompt).input_ids)
+    pixels = model.pixels(IMAGE)
+    with torch.no_grad():
+        expected = open_flamingo_reference(state, tower, lm, ids, tokenizer.convert_tokens_to_ids("<image>"), pixels)
+        actual = model.logits(model.prepare(turns, IMAGE))
+        without_image = model.logits(model.prepare(turns, None))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(actual[0, -1], without_image[0, -1], atol=1e-3)  # the gates are open: the image matters
+    assert isinstance(model.answer(turns, IMAGE, max_new_tokens=4), str)
+    assert len(model.score(turns, IMAGE, ["yes", "no"])) == 2
+
+
+def test_med_flamingo_loads_by_name_from_one_folder(tmp_path):
+    from medfm.errors import InputFileError
+    from medfm.vlm.api import load
+
+    write_med_flamingo(tmp_path / "med-flamingo")
+    assert load("med-flamingo", weights=tmp_path / "med-flamingo").prompt_format.name == "med-flamingo"
+    (tmp_path / "med-flamingo" / "clip-vit-large-patch14" / "config.json").unlink()
+    with pytest.raises(InputFileError, match="one CLIP folder"):
+        load("med-flamingo", weights=tmp_path / "med-flamingo")

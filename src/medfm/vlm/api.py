@@ -21,7 +21,7 @@ DEFAULT_MODEL = "medfm-experts-smollm2"
 #: published models loaded by name; their weights: ``weights=`` a local folder, or the hub when online
 PUBLISHED = {"llava-med": "microsoft/llava-med-v1.5-mistral-7b"}
 #: every published model `load` takes by name (XrayGPT's weights are not on the hub: ``weights=`` a folder)
-PUBLISHED_NAMES = (*PUBLISHED, "xraygpt")
+PUBLISHED_NAMES = (*PUBLISHED, "xraygpt", "med-flamingo")
 REPORT_REQUESTS = {
     "dermoscopy": "Describe this skin lesion in a short findings-style report.",
     None: "Write a short findings section of a radiology report for this image.",
@@ -35,7 +35,7 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
-    ``xraygpt`` (``weights=`` a folder of its three downloads), or a LLaVA / LLaVA-Med /
+    ``xraygpt`` or ``med-flamingo`` (``weights=`` a folder of its downloads), or a LLaVA / LLaVA-Med /
     transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
     folder whose tower is not inside it."""
     from medfm.hub import hub_snapshot
@@ -46,6 +46,8 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
         return _expert_pipeline(device)
     if name == "xraygpt":
         return _xraygpt(weights, dtype).to(device)
+    if name == "med-flamingo":
+        return _med_flamingo(weights, dtype).to(device)
     if name in PUBLISHED:
         folder = Path(weights) if weights is not None else hub_snapshot(PUBLISHED[name], ("*.json", "*.safetensors", "*.model"))
         return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
@@ -73,6 +75,27 @@ def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
         raise InputFileError(folder, f"needs exactly one blip2_pretrained*.pth ({len(blip2)} found), one other .pth "
                              f"(XrayGPT's, {len(own)} found) and one LM folder with config.json ({len(lms)} found)")
     return load_xraygpt(own[0], blip2[0], lms[0], eva=eva if eva.is_file() else None, dtype=dtype)
+
+
+def _med_flamingo(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+    """Med-Flamingo from a folder holding its ``model.pt``, the LLaMA-7B folder it was trained on
+    and the CLIP ViT-L/14 folder (transformers layout), told apart by their ``config.json``."""
+    import json
+
+    from medfm.vlm.formats import load_med_flamingo
+
+    folder = Path(weights) if weights is not None else None
+    if folder is None or not (folder / "model.pt").is_file():
+        raise MedfmError("med-flamingo needs weights=FOLDER holding its model.pt (hub: med-flamingo/med-flamingo), the "
+                         "LLaMA-7B folder and openai/clip-vit-large-patch14 (transformers layout)")
+    kinds: dict[str, list[Path]] = {"clip": [], "llama": []}
+    for part in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        kind = json.loads((part / "config.json").read_text()).get("model_type")
+        kinds.setdefault(kind, []).append(part)
+    if len(kinds["clip"]) != 1 or len(kinds["llama"]) != 1:
+        raise InputFileError(folder, f"needs one CLIP folder ({len(kinds['clip'])} found) and one LLaMA folder "
+                             f"({len(kinds['llama'])} found) beside model.pt")
+    return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype)
 
 
 def _expert_pipeline(device: str) -> Model:

@@ -3,7 +3,8 @@ sequence of feature tokens ``(B, N, C)`` for a connector. Built from a JSON spec
 
 * ``clip-vision``: transformers' ``CLIPVisionModel`` (LLaVA, LLaVA-Med, the transformers llava
   folder), the hidden states of layer ``select_layer`` (LLaVA: -2); ``select_feature`` ``patch``
-  drops the class token, ``cls_patch`` keeps it;
+  drops the class token, ``cls_patch`` keeps it; ``post_norm`` applies the final LayerNorm to
+  every token, as open_clip's token output does (OpenFlamingo, Med-Flamingo);
 * ``blip2-vision``: transformers' ``Blip2VisionModel``: EVA-CLIP ViT-g as BLIP-2 / MiniGPT-4 /
   XrayGPT run it (``ln_vision`` is its ``post_layernorm``), every token;
 * ``litemedsam``: medfm's frozen LiteMedSAM TinyViT (as medfm-clip-small's image tower), its
@@ -22,7 +23,8 @@ KINDS = ("clip-vision", "blip2-vision", "litemedsam")
 class ClipPatchEncoder(nn.Module):
     """A CLIP vision transformer read at one hidden layer, as LLaVA reads it."""
 
-    def __init__(self, config: dict[str, Any], select_layer: int = -2, select_feature: str = "patch") -> None:
+    def __init__(self, config: dict[str, Any], select_layer: int = -2, select_feature: str = "patch",
+                 post_norm: bool = False) -> None:
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -31,10 +33,13 @@ class ClipPatchEncoder(nn.Module):
         self.model = CLIPVisionModel(CLIPVisionConfig(**config))
         self.select_layer = select_layer
         self.select_feature = select_feature
+        self.post_norm = post_norm
         self.out_dim = self.model.config.hidden_size
 
     def forward(self, pixels: Tensor) -> Tensor:
         hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.select_layer]
+        if self.post_norm:  # open_clip's ln_post over every token (OpenFlamingo's vision features)
+            hidden = self.model.post_layernorm(hidden)
         return hidden[:, 1:] if self.select_feature == "patch" else hidden
 
 

@@ -294,3 +294,76 @@ def _lavis_qformer_to_transformers(bert: dict[str, Tensor]) -> tuple[dict[str, T
               "cross_attention_frequency": cross[1] - cross[0] if len(cross) > 1 else layers, "layer_norm_eps": 1e-12,
               "vocab_size": bert["embeddings.word_embeddings.weight"].shape[0] if "embeddings.word_embeddings.weight" in bert else 2}
     return out, config
+
+
+# Med-Flamingo (OpenFlamingo's model.pt over LLaMA)
+
+#: OpenFlamingo's attention head width (perceiver and gated cross-attention)
+FLAMINGO_HEAD_DIM = 64
+#: open_clip's ViT-L/14 transform as OpenFlamingo uses it: shortest side to 224 (bicubic), centre crop
+OPEN_CLIP_PREPROCESS = ImagePreprocess(image_size=224, resize="shortest-side-crop", interpolation="bicubic",
+                                       mean=CLIP_MEAN, std=CLIP_STD)
+
+
+def load_med_flamingo(checkpoint: str | PathLike[str], language_model: str | PathLike[str], vision_tower: str | PathLike[str],
+                      *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Med-Flamingo as OpenFlamingo builds it: CLIP ViT-L/14 (``vision_tower``: a transformers CLIP
+    folder or hub id; frozen in training, so OpenAI's weights), its ln_post'ed patch tokens through
+    the ``perceiver``, and ``lang_encoder.gated_cross_attn_layers`` before every N-th layer of the
+    LLaMA in ``language_model``, whose tokenizer gains ``<|endofchunk|>`` and ``<image>`` (and
+    ``<PAD>``) as OpenFlamingo adds them; any ``lang_encoder`` weights in ``checkpoint`` (``model.pt``)
+    replace the LLaMA's (the trained embeddings of the new tokens)."""
+    from medfm.lm import load as load_lm
+    from medfm.segment.checkpoints import load_state_dict_file
+    from medfm.vlm.flamingo import FlamingoModel, PerceiverResampler, add_flamingo_layers, gated_indices
+    from medfm.vlm.model import MED_FLAMINGO
+
+    state = load_state_dict_file(checkpoint)
+    perceiver_state = _split(state, "perceiver.")
+    gated_state = _split(state, "lang_encoder.gated_cross_attn_layers.")
+    if not perceiver_state or not gated_state:
+        raise CheckpointError(checkpoint, "holds no perceiver.* or lang_encoder.gated_cross_attn_layers.* weights: "
+                              "not an OpenFlamingo / Med-Flamingo model.pt")
+    tower_folder = _clip_tower_folder(str(vision_tower), None)
+    tower_config = _read_config(tower_folder)
+    vision_config = {k: v for k, v in tower_config.get("vision_config", tower_config).items()
+                     if k not in {"model_type", "architectures", "transformers_version"}}
+    encoder = build_encoder({"kind": "clip-vision", "config": vision_config, "select_layer": -1, "post_norm": True})
+    tower_state = read_folder_state(tower_folder)
+    _load_strict(encoder.model, _clip_vision_keys(_split(tower_state, "vision_model.") or tower_state), tower_folder,
+                 "CLIP vision tower")
+
+    lm = load_lm(language_model, dtype=dtype)
+    tokenizer, network = lm.tokenizer, lm.model
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    lang_state = {k.removeprefix("lang_encoder.").replace(".decoder_layer.", "."): v for k, v in _split(state, "lang_encoder.").items()
+                  if ".gated_cross_attn_layer." not in k}
+    rows = lang_state.get("model.embed_tokens.weight", torch.empty(len(tokenizer))).shape[0]
+    if rows == len(tokenizer) + 1:  # OpenFlamingo added a pad token to LLaMA's tokenizer
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    network.resize_token_embeddings(len(tokenizer))
+    if lang_state:
+        result = network.load_state_dict(lang_state, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(checkpoint, f"lang_encoder weights that the LM does not have: {result.unexpected_keys[:4]}")
+
+    indices = sorted({int(k.split(".")[0]) for k in gated_state})
+    every = indices[0] + 1
+    if indices != gated_indices(len(network.model.layers), every):
+        raise CheckpointError(checkpoint, f"gated cross-attention before layers {indices} is not every {every}-th of "
+                              f"the LM's {len(network.model.layers)} layers: is it the LM it was trained on?")
+    heads = gated_state[f"{indices[0]}.attn.to_q.weight"].shape[0] // FLAMINGO_HEAD_DIM
+    add_flamingo_layers(network, encoder.out_dim, every, heads)
+    for index in indices:
+        block = network.model.layers[index].gated_cross_attn_layer
+        _load_strict(block, {k.removeprefix(f"{index}."): v for k, v in gated_state.items() if k.startswith(f"{index}.")},
+                     Path(checkpoint), f"gated cross-attention {index}")
+    depth = len({k.split(".")[1] for k in perceiver_state if k.startswith("layers.")})
+    perceiver = PerceiverResampler(encoder.out_dim, depth, perceiver_state["layers.0.0.to_q.weight"].shape[0] // FLAMINGO_HEAD_DIM,
+                                   perceiver_state["latents"].shape[0])
+    _load_strict(perceiver, perceiver_state, Path(checkpoint), "perceiver")
+    preprocess = ImagePreprocess(**{**OPEN_CLIP_PREPROCESS.to_dict(), "image_size": vision_config.get("image_size", 224)})
+    model = FlamingoModel("med-flamingo", encoder, perceiver, network, tokenizer, MED_FLAMINGO, preprocess)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

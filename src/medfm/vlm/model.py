@@ -70,7 +70,14 @@ XRAYGPT = ImagePromptFormat("xraygpt", PromptFormat(
     "to see the medical scan once I provide it to you. Please answer the patients questions.",
     user="###Patient: {content}", assistant="###Doctor: {content}", reply="###Doctor:", stop=("###",),
 ), image="<Img><ImageHere></Img> ", placeholder="<ImageHere>")
-FORMATS = {f.name: f for f in (LLAVA_MED, LLAVA, XRAYGPT)}
+#: Med-Flamingo's VQA prompt (its demo's few-shot layout; the image token opens each question)
+MED_FLAMINGO = ImagePromptFormat("med-flamingo", PromptFormat(
+    "med-flamingo",
+    system="You are a helpful medical assistant. You are being provided with images, a question about the image and an "
+    "answer. Follow the examples and answer the last question. ",
+    user="{content}", assistant=" Answer: {content}<|endofchunk|>", reply=" Answer:", stop=("<|endofchunk|>",),
+), image="<image>Question: ", placeholder="<image>")
+FORMATS = {f.name: f for f in (LLAVA_MED, LLAVA, XRAYGPT, MED_FLAMINGO)}
 
 
 class VisionLanguageModel(nn.Module):
@@ -124,11 +131,13 @@ class VisionLanguageModel(nn.Module):
             ids = self.tokenizer(piece, add_special_tokens=index == 0, return_tensors="pt").input_ids[0]
             parts.append(embedding(ids.to(self.device)))
         embeds = torch.cat(parts).unsqueeze(0)
-        limit = self.context_length
-        if limit is not None and embeds.shape[1] > limit:
-            raise PromptError(f"the prompt takes {embeds.shape[1]} tokens (image included), more than "
-                              f"{self.name}'s context of {limit}")
+        self._check_context(embeds.shape[1])
         return embeds
+
+    def _check_context(self, length: int) -> None:
+        limit = self.context_length
+        if limit is not None and length > limit:
+            raise PromptError(f"the prompt takes {length} tokens (image included), more than {self.name}'s context of {limit}")
 
     def prepare(self, turns: Turns, image: ImageLike | None) -> Tensor:
         """The input embeddings of a conversation about ``image`` (or none)."""
