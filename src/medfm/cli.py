@@ -323,7 +323,8 @@ def retrieve(
 
 
 VLM_MODEL_HELP = ("medfm-experts-smollm2 (default: medfm-clip-small describes the image in text, SmolLM2-135M "
-                  "answers from that text; it never sees pixels), llava-med (--weights FOLDER), or a LLaVA / llava folder.")
+                  "answers from that text; it never sees pixels), llava-med, xraygpt or med-flamingo (--weights FOLDER), "
+                  "or a LLaVA / llava folder.")
 
 
 @app.command()
