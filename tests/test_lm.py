@@ -88,10 +88,10 @@ def test_stop_strings_end_the_answer(tiny_lm_folders):
 
 def test_bad_inputs_give_one_clear_error(tiny_lm_folders, tmp_path):
     lm = medfm.lm.load(tiny_lm_folders["gpt2"])
-    with pytest.raises(PromptError, match="over .* context length of 256"):
-        lm.generate("cough " * 400)
+    with pytest.raises(PromptError, match="over .* context length of 512"):
+        lm.generate("cough " * 800)
     with pytest.raises(PromptError, match="context length"):
-        lm.score("cough " * 300, [" yes", " no"])
+        lm.score("cough " * 600, [" yes", " no"])
     with pytest.raises(PromptError, match="role"):
         lm.chat_prompt([{"role": "doctor", "content": "hi"}])
     with pytest.raises(MedfmError, match="unknown language model"):

@@ -14,12 +14,12 @@ CORPUS = [
     "Options: A. yes B. no C. maybe. The answer is (A) because the trial met its endpoint.",
     "### Instruction: ### Response: <human>: <bot>: <|im_start|> <|im_end|>",
 ]
-SIZES = dict(vocab_size=320, hidden_size=32, layers=2, heads=4, context=256)
+SIZES = dict(vocab_size=320, hidden_size=32, layers=2, heads=4, context=512)
 LAYOUTS = ("llama", "bloom", "gpt2", "biogpt")
 
 
 def tiny_config(layout: str):
-    """A transformers config of ``layout`` at a tiny size (hidden 32, 2 layers, 256 positions)."""
+    """A transformers config of ``layout`` at a tiny size (hidden 32, 2 layers, 512 positions)."""
     from transformers import BioGptConfig, BloomConfig, GPT2Config, LlamaConfig
 
     v, h, n, heads, context = (SIZES[key] for key in ("vocab_size", "hidden_size", "layers", "heads", "context"))

@@ -395,6 +395,32 @@ def _print_piece(text: str) -> None:
 
 
 @app.command()
+def qa(
+    data: Annotated[list[Path], typer.Option(help="A folder of questions (medfm items.jsonl, MedQA jsonl, PubMedQA ori_pqal.json, MedMCQA dev.json, MMLU csv); repeatable.")],
+    model: Annotated[str, typer.Option(help="Language model: registry name, transformers folder, hub id or .gguf file.")] = "smollm2-135m",
+    strategy: Annotated[str, typer.Option(help="zero-shot, few-shot:K, cot, self-consistency:N or ensemble-refinement:N.")] = "zero-shot",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N items of each dataset.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of exemplar choice and sampled reasoning paths.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for items.csv, summary.json, report.html; reuse it to resume (default out/qa/<model>/<strategy>).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reasoning per generation (cot, self-consistency, ensemble-refinement).")] = 192,
+) -> None:
+    """Medical exam question answering: accuracy per dataset with its 95% interval, beside the majority-class and chance rates."""
+    from medfm.qa import SUMMARY_HEADER, evaluate, summary_table
+
+    out = out or Path("out") / "qa" / Path(model).name / strategy.replace(":", "-")
+    summary = evaluate(model, data, out, strategy=strategy, limit=limit, seed=seed, max_new_tokens=max_new_tokens)
+    table = Table(title=f"{summary['settings']['model']}, {summary['settings']['strategy']}")
+    for column in SUMMARY_HEADER:
+        table.add_column(column)
+    for row in summary_table(summary):
+        table.add_row(*row)
+    console.print(table)
+    if summary["problems"]:
+        console.print(f"{len(summary['problems'])} item(s) skipped, listed in summary.json", highlight=False)
+    console.print(f"wrote {out / 'items.csv'}, {out / 'summary.json'}, {out / 'report.html'}", highlight=False)
+
+
+@app.command()
 def version() -> None:
     """Print medfm's version."""
     print(medfm.__version__)
