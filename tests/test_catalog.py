@@ -72,8 +72,11 @@ def test_support_tells_the_truth_today():
     from medfm.clip.model import PUBLISHED_MODELS
     from medfm.lm import LM_REGISTRY
     from medfm.segment.model import PRETRAINED
+    from medfm.vlm.api import PUBLISHED_NAMES
 
     def registered(name: str, card_id: str) -> bool:
+        if name in PUBLISHED_NAMES:
+            return name == card_id
         if name in PRETRAINED:
             return PRETRAINED[name].card == card_id
         return LM_REGISTRY[name].card == card_id if name in LM_REGISTRY else name in PUBLISHED_MODELS
@@ -86,7 +89,7 @@ def test_support_tells_the_truth_today():
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
     # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
     # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
-    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt"}
+    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo"}
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
     assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
     assert all(registered(name, card_id) for card_id in language for name in get_card(card_id).medfm_names)

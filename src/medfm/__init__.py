@@ -28,10 +28,12 @@ __all__ = [
     "Points",
     "PromptError",
     "__version__",
+    "ask",
     "classify",
     "list_models",
     "load",
     "read_image",
+    "report",
     "write_image",
     "write_mask",
 ]
@@ -57,6 +59,25 @@ def classify(image, labels, model=None, **options) -> dict[str, float]:  # noqa:
     from medfm.clip.zeroshot import classify as _classify
 
     return _classify(image, labels, model, **options)
+
+
+def ask(image, question: str, model=None, choices=None, **options) -> str:  # noqa: ANN001 - see medfm.vlm.api.ask
+    """The answer to ``question`` about ``image`` (a path or a `MedicalImage`); with ``choices``, the
+    one the model scores highest by log-likelihood. Default model ``medfm-experts-smollm2``: the
+    image described as text by medfm-clip-small, answered by SmolLM2-135M (offline; research use).
+
+    See `medfm.vlm.api.ask` (``slice_index=``, ``max_new_tokens=``, ``stream=``); imported on first use.
+    """
+    from medfm.vlm.api import ask as _ask
+
+    return _ask(image, question, model, choices, **options)
+
+
+def report(image, model=None, **options) -> str:  # noqa: ANN001 - see medfm.vlm.api.report
+    """A findings-style draft for ``image`` (a draft to check, not a report); see `medfm.vlm.api.report`."""
+    from medfm.vlm.api import report as _report
+
+    return _report(image, model, **options)
 
 
 def list_models(**filters: str | None) -> list:

@@ -357,6 +357,78 @@ def retrieve(
                  [(str(rank), str(path), f"{score:.4f}") for rank, (path, score) in enumerate(hits, 1)])
 
 
+VLM_MODEL_HELP = ("medfm-experts-smollm2 (default: medfm-clip-small describes the image in text, SmolLM2-135M "
+                  "answers from that text; it never sees pixels), llava-med, xraygpt or med-flamingo (--weights FOLDER), "
+                  "or a LLaVA / llava folder.")
+
+
+@app.command()
+def ask(
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice).")],
+    question: Annotated[str, typer.Argument(help="The question, in quotes.")],
+    model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
+    choices: Annotated[Optional[list[str]], typer.Option("--choices", help="Closed question: answer with the most likely of these (two or more).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
+    slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice (along Z) of a volume.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (image, question, model, answer) instead of streaming.")] = False,
+) -> None:
+    """Ask a question about an image; the answer streams as it is written. Research use, not diagnosis."""
+    from medfm.vlm.api import DEFAULT_MODEL, ask as ask_model
+
+    answer = ask_model(image, question, model, choices, weights=weights, slice_index=slice_index,
+                       max_new_tokens=max_new_tokens, stream=None if as_json else _print_piece)
+    if as_json:
+        print(json.dumps({"image": str(image), "question": question, "model": model or DEFAULT_MODEL, "choices": choices,
+                          "answer": answer}, indent=2))
+    else:
+        print(flush=True)
+
+
+@app.command()
+def report(
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice).")],
+    model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest draft, in tokens.")] = 200,
+    slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice (along Z) of a volume.")] = None,
+) -> None:
+    """A findings-style draft for an image (streams). A draft to check: research use, not diagnosis."""
+    from medfm.vlm.api import report as draft
+
+    draft(image, model, weights=weights, slice_index=slice_index, max_new_tokens=max_new_tokens, stream=_print_piece)
+    print(flush=True)
+
+
+@app.command()
+def chat(
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice).")],
+    model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 128,
+    slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice (along Z) of a volume.")] = None,
+) -> None:
+    """A conversation about an image in the terminal; an empty line or Ctrl-D ends it."""
+    from medfm.vlm.api import Conversation
+
+    conversation = Conversation(image, model, weights=weights, slice_index=slice_index)
+    console.print(f"{conversation.model.name} on {image}; an empty line ends the conversation.", highlight=False)
+    while True:
+        try:
+            question = input("you> ")
+        except EOFError:
+            break
+        if not question.strip():
+            break
+        print("model> ", end="", flush=True)
+        conversation.say(question, max_new_tokens=max_new_tokens, stream=_print_piece)
+        print(flush=True)
+
+
+def _print_piece(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 @app.command()
 def qa(
     data: Annotated[list[Path], typer.Option(help="A folder of questions (medfm items.jsonl, MedQA jsonl, PubMedQA ori_pqal.json, MedMCQA dev.json, MMLU csv); repeatable.")],
@@ -437,7 +509,7 @@ def _is_number(token: str) -> bool:
 
 
 #: Options that take several words, as in ``--labels pneumonia normal`` (click needs the option before each).
-MULTI_VALUE_OPTIONS = {"--labels"}
+MULTI_VALUE_OPTIONS = {"--labels", "--choices"}
 
 
 def spread_multi_value_options(argv: list[str]) -> list[str]:

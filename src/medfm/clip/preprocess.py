@@ -19,7 +19,7 @@ from medfm.errors import InputFileError
 from medfm.io import MedicalImage, read_image
 from medfm.preprocess import to_uint8_rgb
 
-RESIZES = {"longest-side", "longest-side-center", "shortest-side-crop"}
+RESIZES = {"longest-side", "longest-side-center", "shortest-side-crop", "stretch"}
 INTERPOLATIONS = {"area", "bicubic", "bilinear"}
 
 #: OpenAI CLIP's (and BiomedCLIP's) statistics on the 0-1 scale.
@@ -33,7 +33,8 @@ class ImagePreprocess:
 
     ``resize``: ``"longest-side"`` (scale the longest side to ``image_size``, pad bottom-right with
     zeros, as LiteMedSAM), ``"longest-side-center"`` (the same, padded to a centred square, as
-    CheXzero) or ``"shortest-side-crop"`` (scale the shortest side, centre-crop, as CLIP).
+    CheXzero), ``"shortest-side-crop"`` (scale the shortest side, centre-crop, as CLIP) or
+    ``"stretch"`` (both sides to ``image_size``, ignoring the aspect ratio, as BLIP-2's eval processor).
     ``normalization``: ``"minmax"`` over the resized image, or ``"mean-std"`` with ``mean``/``std``
     on the 0-1 scale (applied before padding, so the padding stays 0 as in the originals).
     """
@@ -69,7 +70,9 @@ class ImagePreprocess:
         size = self.image_size
         height, width = rgb.shape[:2]
         flags = {"area": cv2.INTER_AREA, "bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}[self.interpolation]
-        if self.resize == "shortest-side-crop":
+        if self.resize == "stretch":
+            new_h, new_w = size, size
+        elif self.resize == "shortest-side-crop":
             scale = size / min(height, width)
             new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
         else:
@@ -80,7 +83,7 @@ class ImagePreprocess:
             values = (resized - resized.min()) / max(resized.max() - resized.min(), 1e-8)
         else:
             values = (resized / 255.0 - np.asarray(self.mean)) / np.asarray(self.std)
-        if self.resize == "shortest-side-crop":
+        if self.resize in {"shortest-side-crop", "stretch"}:
             top, left = (new_h - size) // 2, (new_w - size) // 2
             square = values[top : top + size, left : left + size]
         else:

@@ -1,0 +1,6 @@
+"""Vision-language models: an image encoder, a connector and a causal language model (LLaVA-Med,
+LLaVA and XrayGPT's layouts), and the experts-to-text pipeline of Visual Med-Alpaca."""
+
+from medfm.vlm.model import FORMATS, ImagePromptFormat, VisionLanguageModel
+
+__all__ = ["FORMATS", "ImagePromptFormat", "VisionLanguageModel"]

@@ -1,0 +1,200 @@
+"""Asking about an image: `load` a vision-language model by name or folder, `ask` a question (free
+text, or the most likely of given choices), draft a `report`, hold a `Conversation`.
+
+The default, ``medfm-experts-smollm2``, is the experts-to-text pipeline (`medfm.vlm.experts`):
+medfm-clip-small describes the image, SmolLM2-135M-Instruct answers from that description. It runs
+offline from the PyPI wheels; it is a small research baseline, not a diagnostic tool.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from medfm.errors import InputFileError, MedfmError, PromptError
+from medfm.io import MedicalImage, read_image
+
+DEFAULT_MODEL = "medfm-experts-smollm2"
+#: published models loaded by name; their weights: ``weights=`` a local folder, or the hub when online
+PUBLISHED = {"llava-med": "microsoft/llava-med-v1.5-mistral-7b"}
+#: every published model `load` takes by name (XrayGPT's weights are not on the hub: ``weights=`` a folder)
+PUBLISHED_NAMES = (*PUBLISHED, "xraygpt", "med-flamingo")
+REPORT_REQUESTS = {
+    "dermoscopy": "Describe this skin lesion in a short findings-style report.",
+    None: "Write a short findings section of a radiology report for this image.",
+}
+
+#: a loaded model that `ask` / `report` / `Conversation` accept
+Model = Any  # VisionLanguageModel | ExpertPipeline
+
+
+def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | PathLike[str] | None = None,
+         vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
+    """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
+    (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
+    ``xraygpt`` or ``med-flamingo`` (``weights=`` a folder of its downloads), or a LLaVA / LLaVA-Med /
+    transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
+    folder whose tower is not inside it."""
+    from medfm.hub import hub_snapshot
+    from medfm.vlm.formats import is_llava_folder, load_llava_folder
+
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name == DEFAULT_MODEL:
+        return _expert_pipeline(device)
+    if name == "xraygpt":
+        return _xraygpt(weights, dtype).to(device)
+    if name == "med-flamingo":
+        return _med_flamingo(weights, dtype).to(device)
+    if name in PUBLISHED:
+        folder = Path(weights) if weights is not None else hub_snapshot(PUBLISHED[name], ("*.json", "*.safetensors", "*.model"))
+        return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
+    if Path(name).is_dir() and is_llava_folder(Path(name)):
+        return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
+    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED_NAMES)}, "
+                     "or a LLaVA / transformers llava folder")
+
+
+def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+    """XrayGPT from a folder holding its three parts as its README names them: the BLIP-2 checkpoint
+    (``blip2_pretrained*.pth``), XrayGPT's own ``.pth`` (``llama_proj``), the Vicuna folder, and
+    optionally ``eva_vit_g.pth``."""
+    from medfm.vlm.formats import load_xraygpt
+
+    folder = Path(weights) if weights is not None else None
+    if folder is None or not folder.is_dir():
+        raise MedfmError("xraygpt's weights are spread over three downloads (see its README): put them in one folder "
+                         "and pass weights=FOLDER (blip2_pretrained*.pth, XrayGPT's .pth, the Vicuna folder)")
+    blip2 = sorted(folder.glob("blip2_pretrained*.pth"))
+    eva = folder / "eva_vit_g.pth"
+    own = [p for p in sorted(folder.glob("*.pth")) if p not in blip2 and p != eva]
+    lms = [p for p in sorted(folder.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+    if len(blip2) != 1 or len(own) != 1 or len(lms) != 1:
+        raise InputFileError(folder, f"needs exactly one blip2_pretrained*.pth ({len(blip2)} found), one other .pth "
+                             f"(XrayGPT's, {len(own)} found) and one LM folder with config.json ({len(lms)} found)")
+    return load_xraygpt(own[0], blip2[0], lms[0], eva=eva if eva.is_file() else None, dtype=dtype)
+
+
+def _med_flamingo(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+    """Med-Flamingo from a folder holding its ``model.pt``, the LLaMA-7B folder it was trained on
+    and the CLIP ViT-L/14 folder (transformers layout), told apart by their ``config.json``."""
+    import json
+
+    from medfm.vlm.formats import load_med_flamingo
+
+    folder = Path(weights) if weights is not None else None
+    if folder is None or not (folder / "model.pt").is_file():
+        raise MedfmError("med-flamingo needs weights=FOLDER holding its model.pt (hub: med-flamingo/med-flamingo), the "
+                         "LLaMA-7B folder and openai/clip-vit-large-patch14 (transformers layout)")
+    kinds: dict[str, list[Path]] = {"clip": [], "llama": []}
+    for part in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        kind = json.loads((part / "config.json").read_text()).get("model_type")
+        kinds.setdefault(kind, []).append(part)
+    if len(kinds["clip"]) != 1 or len(kinds["llama"]) != 1:
+        raise InputFileError(folder, f"needs one CLIP folder ({len(kinds['clip'])} found) and one LLaMA folder "
+                             f"({len(kinds['llama'])} found) beside model.pt")
+    return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype)
+
+
+def _expert_pipeline(device: str) -> Model:
+    from medfm.clip import load as load_classifier
+    from medfm.lm import load as load_lm
+    from medfm.vlm.experts import ExpertPipeline
+
+    return ExpertPipeline(load_classifier("medfm-clip-small", device=device), load_lm("smollm2-135m", device=device),
+                          name=DEFAULT_MODEL)
+
+
+@functools.lru_cache(maxsize=2)
+def cached(name: str) -> Model:
+    """A named model loaded once per process (for `ask` / `report` without ``model=``)."""
+    return load(name)
+
+
+def resolve_model(model: Model | str | None, weights: str | PathLike[str] | None = None) -> Model:
+    """A loaded model, or a name / folder (default medfm-experts-smollm2) loaded once per process,
+    or with ``weights`` (a local copy of a published model's files)."""
+    if hasattr(model, "answer"):
+        return model
+    return cached(str(model or DEFAULT_MODEL)) if weights is None else load(model, weights=weights)
+
+
+def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None) -> MedicalImage:
+    """The 2D image a question is about: a file or `MedicalImage`, a volume's slice ``slice_index``."""
+    if not isinstance(image, MedicalImage):
+        image = read_image(image)
+    if image.is_volume:
+        if slice_index is None:
+            raise InputFileError(image.path, f"is a 3D volume ({image.array.shape[0]} slices); the image encoders "
+                                 "here are 2D: pass a slice (--slice K)")
+        try:
+            return image.slice(slice_index)
+        except IndexError as error:
+            raise InputFileError(image.path, str(error)) from error
+    if slice_index is not None:
+        raise InputFileError(image.path, "is a 2D image: --slice is only for volumes")
+    return image
+
+
+def check_question(question: str) -> str:
+    """The question, stripped; an empty one is refused."""
+    if not question or not question.strip():
+        raise PromptError("the question is empty")
+    return question.strip()
+
+
+def check_choices(choices: Sequence[str]) -> list[str]:
+    """At least two distinct, non-empty choices."""
+    options = [str(choice).strip() for choice in choices]
+    if len(options) < 2:
+        raise PromptError(f"a closed question needs at least two choices, got {len(options)}")
+    if any(not option for option in options) or len(set(options)) != len(options):
+        raise PromptError(f"the choices must be distinct and non-empty, got {list(choices)}")
+    return options
+
+
+def ask(image: str | PathLike[str] | MedicalImage, question: str, model: Model | str | None = None,
+        choices: Sequence[str] | None = None, *, weights: str | PathLike[str] | None = None,
+        slice_index: int | None = None, max_new_tokens: int = 128, stream: Callable[[str], None] | None = None) -> str:
+    """The model's answer to ``question`` about ``image`` (a 2D file or `MedicalImage`; a volume
+    with ``slice_index``). With ``choices``: the choice the model gives the highest log-likelihood,
+    exactly as given. Bad input is refused before the model loads."""
+    question = check_question(question)
+    options = check_choices(choices) if choices is not None else None
+    picture = image_2d(image, slice_index)
+    network = resolve_model(model, weights)
+    if options is not None:
+        scores = network.score([(question, None)], picture, options)
+        answer = list(choices)[max(range(len(options)), key=scores.__getitem__)]  # as given, not stripped
+        if stream is not None:
+            stream(answer)
+        return answer
+    return network.answer([(question, None)], picture, max_new_tokens=max_new_tokens, stream=stream)
+
+
+def report(image: str | PathLike[str] | MedicalImage, model: Model | str | None = None, *,
+           weights: str | PathLike[str] | None = None, slice_index: int | None = None, max_new_tokens: int = 200,
+           stream: Callable[[str], None] | None = None) -> str:
+    """A findings-style draft for ``image`` (research use: a draft to check, not a report)."""
+    picture = image_2d(image, slice_index)
+    request = REPORT_REQUESTS.get(picture.modality if picture.modality == "dermoscopy" else None)
+    return resolve_model(model, weights).answer([(request, None)], picture, max_new_tokens=max_new_tokens, stream=stream)
+
+
+class Conversation:
+    """A multi-turn conversation about one image: each `say` adds a question and the model's reply."""
+
+    def __init__(self, image: str | PathLike[str] | MedicalImage, model: Model | str | None = None, *,
+                 weights: str | PathLike[str] | None = None, slice_index: int | None = None) -> None:
+        self.image = image_2d(image, slice_index)
+        self.model = resolve_model(model, weights)
+        self.turns: list[tuple[str, str | None]] = []
+
+    def say(self, question: str, *, max_new_tokens: int = 128, stream: Callable[[str], None] | None = None) -> str:
+        """The model's reply to ``question``, given the turns so far."""
+        question = check_question(question)
+        reply = self.model.answer([*self.turns, (question, None)], self.image, max_new_tokens=max_new_tokens, stream=stream)
+        self.turns.append((question, reply))
+        return reply
