@@ -412,7 +412,7 @@ def chat(
     from medfm.vlm.api import Conversation
 
     conversation = Conversation(image, model, weights=weights, slice_index=slice_index)
-    console.print(f"{conversation.model.name} on {image}; an empty line ends the conversation.", highlight=False)
+    _say(f"{conversation.model.name} on {image}; an empty line ends the conversation.")
     while True:
         try:
             question = input("you> ")
