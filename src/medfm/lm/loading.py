@@ -131,7 +131,9 @@ def _snapshot(repo_id: str) -> Path:
 def _load_folder(folder: Path, source: str) -> tuple[object, object]:
     """A transformers causal-LM folder; never runs code from it (no ``trust_remote_code``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a per-tensor bar on every load is noise on a user's terminal
     if not (folder / "config.json").is_file():
         raise CheckpointError(source, "has no config.json: not a transformers model folder")
     try:
