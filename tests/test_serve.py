@@ -34,22 +34,13 @@ from medfm.serve.app import create_app  # noqa: E402
 from medfm.serve.state import EmbeddingCache  # noqa: E402
 from tests.conftest import EXAMPLES, write_dicom_series  # noqa: E402
 from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
-from tests.test_vlm_formats import write_transformers_llava  # noqa: E402
-from tests.serve_support import running  # noqa: E402
+from tests.serve_support import running, tiny_llava  # noqa: E402, F401 - tiny_llava: the tiny /ask model fixture
 
 PNG = EXAMPLES / "busi_benign_001.png"
 CT = EXAMPLES / "totalseg_example_ct.nii.gz"
 def make_client(model: SegmentationModel, tmp_path: Path, **settings) -> TestClient:  # noqa: ANN003
     app = create_app(ServeSettings(upload_root=tmp_path / "uploads", **settings), models={"tiny": model})
     return TestClient(app, base_url="http://127.0.0.1")
-
-
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory) -> Path:  # noqa: ANN001
-    """A tiny random transformers llava folder: the /ask model of the tests that need no real answer."""
-    folder = tmp_path_factory.mktemp("ask") / "tiny-llava"
-    write_transformers_llava(folder, 5)
-    return folder
 
 
 @pytest.fixture(scope="module")
