@@ -53,6 +53,9 @@ def main() -> None:
         page.fill("#classes", "benign tumour, malignant tumour, normal breast")
         page.click("#classify")
         page.wait_for_selector("#probabilities li", timeout=300_000)
+        page.fill("#question", "What kind of image is this?")
+        page.click("#ask")
+        page.wait_for_selector("#answer:not([hidden])", timeout=300_000)
         save(page, REPO / "docs" / "serve_ultrasound.png")
 
         page.select_option("#modality", "CT")

@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 and a free port, started and stopped inside a test."""
+"""A real uvicorn server on 127.0.0.1 and a free port, started and stopped inside a test, and the
+tiny /ask model the serve tests share."""
 
 from __future__ import annotations
 
@@ -7,12 +8,25 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A tiny random transformers llava folder: the /ask model of the tests that need no real answer."""
+    from tests.test_vlm_formats import write_transformers_llava
+
+    folder = tmp_path_factory.mktemp("ask") / "tiny-llava"
+    write_transformers_llava(folder, 5)
+    return folder
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """`medfm serve`'s HTTP API: answers equal the library's, errors are problem details with the
 library's wording, the security rules hold, and a schemathesis fuzz of the OpenAPI spec finds no 5xx.
 
-Most tests run a tiny random LiteMedSAM-shaped model through FastAPI's TestClient; one runs the real
-default model on a real uvicorn server."""
+Most tests run a tiny random LiteMedSAM-shaped model (and, for /ask, a tiny random transformers
+llava folder) through FastAPI's TestClient; two run the real default models on a real uvicorn server."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from medfm.serve.app import create_app  # noqa: E402
 from medfm.serve.state import EmbeddingCache  # noqa: E402
 from tests.conftest import EXAMPLES, write_dicom_series  # noqa: E402
 from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
-from tests.serve_support import running  # noqa: E402
+from tests.serve_support import running, tiny_llava  # noqa: E402, F401 - tiny_llava: the tiny /ask model fixture
 
 PNG = EXAMPLES / "busi_benign_001.png"
 CT = EXAMPLES / "totalseg_example_ct.nii.gz"
@@ -44,8 +44,8 @@ def make_client(model: SegmentationModel, tmp_path: Path, **settings) -> TestCli
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model, tmp_path_factory):  # noqa: ANN001, ANN201
-    with make_client(tiny_model, tmp_path_factory.mktemp("serve")) as client:
+def client(tiny_model, tiny_llava, tmp_path_factory):  # noqa: ANN001, ANN201
+    with make_client(tiny_model, tmp_path_factory.mktemp("serve"), ask_model=str(tiny_llava)) as client:
         yield client
 
 
@@ -72,7 +72,8 @@ def test_health_models_and_openapi(client) -> None:
     assert client.get("/v1/health").json()["status"] == "ok"
     assert client.get("/v1/models").json()["segmentation"] == [{"name": "tiny", "arch": "litemedsam", "default": True}]
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/images", "/v1/images/{image_id}/segment", "/v1/images/{image_id}/mask", "/v1/images/{image_id}/classify"} <= set(paths)
+    assert {"/v1/images", "/v1/images/{image_id}/segment", "/v1/images/{image_id}/mask", "/v1/images/{image_id}/classify",
+            "/v1/images/{image_id}/ask"} <= set(paths)
     page = client.get("/")
     assert page.status_code == 200 and "app.js" in page.text and "default-src 'self'" in page.headers["content-security-policy"]
     assert client.get("/static/app.js").status_code == 200
@@ -297,10 +298,62 @@ def test_prompts_on_a_cached_image_do_not_wait_for_another_encoding(client) -> N
     asyncio.run(scenario())
 
 
+def test_ask_answers_as_the_library_and_refuses_bad_input_before_loading(client, tiny_llava) -> None:
+    from medfm.vlm.api import ask, load
+
+    image_id, volume_id = upload(client, PNG)["id"], upload(client, CT)["id"]
+    post = lambda target, body: client.post(f"/v1/images/{target}/ask", json=body)  # noqa: E731
+    assert_problem(post(image_id, {"question": "  "}), 422, "the question is empty")
+    assert_problem(post(image_id, {"question": "is it ?", "choices": ["yes"]}), 422, "at least two choices, got 1")
+    assert_problem(post(image_id, {"question": "is it ?", "choices": ["yes", " yes"]}), 422, "distinct and non-empty")
+    assert_problem(post(volume_id, {"question": "is it ?"}), 422, "totalseg_example_ct.nii.gz is a volume: give the slice (0..29)")
+    assert_problem(post(volume_id, {"question": "is it ?", "slice": 30}), 422, "slice 30 is outside")
+    assert_problem(post(image_id, {"question": "is it ?", "model": "llava-med"}), 422, "not served here", "tiny-llava")
+    assert_problem(post(image_id, {"question": "is it ?", "max_new_tokens": 257}), 422, "max_new_tokens")
+    assert_problem(post("nope", {"question": "is it ?"}), 404, "no image 'nope'")
+    assert client.get("/v1/models").json()["ask"] == [{"name": "tiny-llava", "default": True, "loaded": False}]
+
+    model = load(tiny_llava)
+    question = "is there a pleural effusion ?"
+    answer = post(image_id, {"question": question, "max_new_tokens": 6}).json()
+    assert answer == {"answer": ask(medfm.read_image(PNG), question, model, max_new_tokens=6), "model": "tiny-llava"}
+    chosen = post(volume_id, {"question": question, "choices": ["yes", "no"], "slice": 15}).json()["answer"]
+    assert chosen == ask(medfm.read_image(CT).slice(15), question, model, ["yes", "no"])
+    assert client.get("/v1/models").json()["ask"][0]["loaded"] is True
+
+
+def test_prompts_do_not_wait_for_a_question_being_answered(client, tiny_llava) -> None:
+    """While a question is being answered (held here on purpose), a prompt on an encoded image answers."""
+    segmenter, asker, store = client.app.state.segmenter, client.app.state.asker, client.app.state.store
+    upload_ = store.uploads[upload(client, PNG)["id"]]
+    release = threading.Event()
+    answer = asker._ask
+
+    def held_ask(*args):  # noqa: ANN002, ANN202
+        assert release.wait(30)
+        return answer(*args)
+
+    async def scenario() -> None:
+        embedding = await segmenter.embedding(upload_, None, "tiny", "auto", None)
+        asker._ask = held_ask
+        try:
+            slow = asyncio.ensure_future(asker.ask(upload_.image, "is it ?", ["yes", "no"], 4))
+            await asyncio.sleep(0.05)
+            prediction = await asyncio.wait_for(segmenter.predict(embedding, "tiny", [[10, 10, 100, 100]], None, None), 20)
+            assert prediction.masks.shape == (1, 416, 416) and not slow.done()
+            release.set()
+            assert await asyncio.wait_for(slow, 30) in {"yes", "no"}
+        finally:
+            asker._ask = answer
+            release.set()
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model, tmp_path_factory):  # noqa: ANN001, ANN201
+def fuzz_server(tiny_model, tiny_llava, tmp_path_factory):  # noqa: ANN001, ANN201
     """A real server for the fuzzer, with uploads for its image ids to point at."""
-    app = create_app(ServeSettings(upload_root=tmp_path_factory.mktemp("fuzz")), models={"tiny": tiny_model})
+    app = create_app(ServeSettings(upload_root=tmp_path_factory.mktemp("fuzz"), ask_model=str(tiny_llava)), models={"tiny": tiny_model})
     with running(app) as url:
         images = [httpx.post(f"{url}/v1/images", files={"file": (path.name, path.read_bytes())}).json()["id"] for path in (PNG, CT)]
         yield app, url, images
@@ -337,3 +390,16 @@ def test_real_model_on_a_real_server_matches_the_expert_mask() -> None:
         reference = medfm.read_image(EXAMPLES / "busi_benign_001_mask.png").array > 0
         dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
         assert dice > 0.85 and answer["scores"][0] > 0.5
+
+
+def test_real_ask_model_on_a_real_server_answers() -> None:
+    """The default /ask model (medfm-clip-small's findings, SmolLM2-135M's words) behind uvicorn:
+    it loads on the first question, answers in words, and picks one of the given choices."""
+    app = create_app(ServeSettings())
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        image_id = http.post("/v1/images", files={"file": ("busi.png", PNG.read_bytes())}).json()["id"]
+        answer = http.post(f"/v1/images/{image_id}/ask", json={"question": "What kind of image is this?", "max_new_tokens": 24}).json()
+        assert answer["model"] == "medfm-experts-smollm2" and len(answer["answer"].split()) >= 2, answer
+        chosen = http.post(f"/v1/images/{image_id}/ask", json={"question": "Is there a tumour?", "choices": ["yes", "no"]}).json()
+        assert chosen["answer"] in {"yes", "no"}
+        assert http.get("/v1/models").json()["ask"] == [{"name": "medfm-experts-smollm2", "default": True, "loaded": True}]

@@ -1,6 +1,8 @@
 """The browser app in a real headless chromium (Playwright), against a real server running the
-default model: upload, draw a box with the mouse, see the overlay, check the mask against the API's
-answer for the same box, undo/redo, export, and read the export back with medfm.
+default segmentation model: upload, draw a box with the mouse, see the overlay, check the mask
+against the API's answer for the same box, undo/redo, export, and read the export back with medfm;
+classify, and ask a question (a tiny random /ask model: the real one's answers are tested in
+test_serve.py).
 
 Needs Debian's chromium (``apt-get install chromium``; Playwright's own browser download is not
 used) or ``MEDFM_CHROMIUM=/path/to/chrome``; skips with the reason otherwise."""
@@ -29,15 +31,15 @@ import medfm  # noqa: E402
 from medfm.serve import ServeSettings  # noqa: E402
 from medfm.serve.app import create_app  # noqa: E402
 from tests.conftest import EXAMPLES  # noqa: E402
-from tests.serve_support import running  # noqa: E402
+from tests.serve_support import running, tiny_llava  # noqa: E402, F401 - tiny_llava: the tiny /ask model fixture
 from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
 
 PNG = EXAMPLES / "busi_benign_001.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):  # noqa: ANN001, ANN201
-    with running(create_app(ServeSettings(upload_root=tmp_path_factory.mktemp("uploads")))) as url:
+def server(tiny_llava, tmp_path_factory):  # noqa: ANN001, ANN201
+    with running(create_app(ServeSettings(upload_root=tmp_path_factory.mktemp("uploads"), ask_model=str(tiny_llava)))) as url:
         yield url
 
 
@@ -122,7 +124,7 @@ def test_box_drawn_in_the_browser_gives_the_api_mask_and_exports(page, server, t
     np.testing.assert_array_equal(exported.array.reshape(416, 416) == 1, expected)
 
 
-def test_drop_a_file_refine_with_a_click_and_classify(page, server) -> None:
+def test_drop_a_file_refine_with_a_click_classify_and_ask(page, server) -> None:
     data = base64.b64encode(PNG.read_bytes()).decode()
     page.evaluate("""(data) => {
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
@@ -153,6 +155,25 @@ def test_drop_a_file_refine_with_a_click_and_classify(page, server) -> None:
     page.wait_for_selector("#probabilities li", timeout=60_000)
     shown = page.locator("#probabilities li").all_inner_texts()
     assert len(shown) == 3 and sum(float(text.split(": ")[1]) for text in shown) == pytest.approx(1.0, abs=0.01)
+
+    image_id = page.evaluate("() => state.image.id")
+    question = "is there a pleural effusion ?"
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+    page.wait_for_selector("#answer:not([hidden])", timeout=60_000)
+    expected = httpx.post(f"{server}/v1/images/{image_id}/ask", json={"question": question}, timeout=60).json()["answer"]
+    assert page.inner_text("#answer-text") == (expected or "(the model gave no answer)")
+    assert page.inner_text("#answer-note") == "tiny-llava · research use, not diagnosis"
+    page.evaluate("() => { document.getElementById('answer').hidden = true; }")
+    page.fill("#choices", "yes, no ,")
+    page.click("#ask")
+    page.wait_for_selector("#answer:not([hidden])", timeout=60_000)
+    expected = httpx.post(f"{server}/v1/images/{image_id}/ask", json={"question": question, "choices": ["yes", "no"]}, timeout=60).json()
+    assert page.inner_text("#answer-text") == expected["answer"] and expected["answer"] in {"yes", "no"}
+    page.fill("#choices", "yes")
+    page.click("#ask")
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert page.inner_text("#status") == "a closed question needs at least two choices, got 1"
 
 
 def test_the_app_takes_the_token_from_the_address_and_drops_it(browser, tiny_model, tmp_path) -> None:  # noqa: ANN001

@@ -460,16 +460,17 @@ def serve(
     token: Annotated[Optional[str], typer.Option(envvar="MEDFM_TOKEN", help="Bearer token every /v1 call must send (or MEDFM_TOKEN).", show_default=False)] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 512,
     model: Annotated[Optional[list[str]], typer.Option(help="Segmentation model(s) to serve, the first the default; repeatable.")] = None,
+    ask_model: Annotated[str, typer.Option(help="Vision-language model of /ask: medfm-experts-smollm2 or a LLaVA / llava folder; loaded on the first question.")] = "medfm-experts-smollm2",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
     idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,
     max_images: Annotated[int, typer.Option(help="Images held at once (each stays in memory until deleted or idle).")] = 32,
 ) -> None:
-    """HTTP API (/v1, OpenAPI at /openapi.json) and the browser app at / for interactive segmentation."""
+    """HTTP API (/v1, OpenAPI at /openapi.json) and the browser app at / for interactive segmentation, classification and questions."""
     from medfm.serve import ServeSettings, serve as run_server
 
     run_server(ServeSettings(host=host, port=port, token=token, max_upload_mb=max_upload_mb, models=tuple(model or ()),
-                             device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
+                             ask_model=ask_model, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
 
 
 @app.command()

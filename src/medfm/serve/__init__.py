@@ -1,4 +1,5 @@
-"""``medfm serve``: an HTTP API and a browser app for interactive segmentation and classification.
+"""``medfm serve``: an HTTP API and a browser app for interactive segmentation, classification and
+questions about an image.
 
 `create_app` builds the FastAPI app (see `medfm.serve.app`); `serve` checks the settings, loads
 the models and runs it on uvicorn. FastAPI and uvicorn come with the ``serve`` extra.
@@ -28,6 +29,9 @@ class ServeSettings:
     #: Segmentation models served, the first the default; none: the library's default model.
     models: tuple[str, ...] = ()
     classify_model: str = "medfm-clip-small"
+    #: The vision-language model of /ask (a `medfm.vlm.api.load` name or folder; its default), loaded on the
+    #: first question (a literal here: importing medfm.vlm would load torch before the settings are checked).
+    ask_model: str = "medfm-experts-smollm2"
     device: str = "cpu"
     cache_mb: float = 1024
     idle_minutes: float = 60

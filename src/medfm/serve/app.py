@@ -38,7 +38,7 @@ from medfm.intensity import IntensityPreset, preset
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel
 from medfm.serve import LOOPBACK, ServeSettings
-from medfm.serve.state import ANNOTATION, EmbeddingCache, ImageStore, Segmenter, Upload
+from medfm.serve.state import ANNOTATION, Asker, EmbeddingCache, ImageStore, Segmenter, Upload
 from medfm.serve.uploads import SUFFIXES, UnsupportedUpload, UploadTooLarge, check_size, sniff
 
 log = logging.getLogger("medfm.serve")
@@ -90,6 +90,20 @@ class ClassifyResponse(BaseModel):
     probabilities: dict[str, float]
 
 
+class AskRequest(BaseModel):
+    question: str = Field(description="The question about the image, e.g. 'Is there a pleural effusion?'", max_length=2000)
+    choices: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None, description="A closed question: the answer is the most likely of these (two or more), exactly as given.", max_length=32)
+    slice: int | None = Field(None, description="The slice (along Z) of a volume; omit for 2D images.")
+    max_new_tokens: int = Field(128, description="Longest free-text answer, in tokens.", ge=1, le=256)
+    model: str | None = Field(None, description="GET /v1/models' ask model (the only one this server runs).")
+
+
+class AskResponse(BaseModel):
+    answer: str = Field(description="The model's answer: research use, not diagnosis.")
+    model: str
+
+
 class Problem(BaseModel):
     type: str = "about:blank"
     title: str
@@ -138,6 +152,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     store = ImageStore(root, settings.idle_minutes * 60)
     cache = EmbeddingCache(int(settings.cache_mb * 2**20))
     segmenter = Segmenter(models, cache, settings.encode_workers, settings.decode_workers)
+    asker = Asker(settings.ask_model, settings.device)
     max_upload = int(settings.max_upload_mb * 2**20)
 
     @contextlib.asynccontextmanager
@@ -154,14 +169,16 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         finally:
             task.cancel()
             segmenter.close()
+            asker.close()
             shutil.rmtree(root, ignore_errors=True)
 
     app = FastAPI(
         title="medfm", version=medfm.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-        description="Interactive segmentation and zero-shot classification of medical images with medfm. "
+        description="Interactive segmentation, zero-shot classification and questions about medical images with medfm "
+        "(research use, not diagnosis). "
         "Every /v1 call needs `Authorization: Bearer <token>` when the server was started with a token.",
     )
-    app.state.store, app.state.cache, app.state.segmenter = store, cache, segmenter
+    app.state.store, app.state.cache, app.state.segmenter, app.state.asker = store, cache, segmenter, asker
 
     # -- security: token, same-origin, headers ------------------------------------------------
     allowed_hosts = LOOPBACK | {"[::1]", settings.host}
@@ -262,9 +279,11 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
 
     @app.get("/v1/models", responses=PROBLEMS)
     async def list_served_models() -> dict:
-        """The segmentation models this server runs (the first is the default) and its classifier."""
+        """The segmentation models this server runs (the first is the default), its classifier and
+        the vision-language model of /ask (loaded on the first question)."""
         return {"segmentation": [{"name": name, "arch": model.arch, "default": name == default_model} for name, model in models.items()],
-                "classification": [{"name": settings.classify_model, "default": True}]}
+                "classification": [{"name": settings.classify_model, "default": True}],
+                "ask": [{"name": asker.name, "default": True, "loaded": asker.model is not None}]}
 
     @app.post("/v1/images", status_code=201, responses=PROBLEMS)
     async def upload_image(
@@ -438,6 +457,23 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         image = upload.image if index is None else upload.image.slice(index)
         probabilities = await asyncio.to_thread(medfm.classify, image, request.labels, settings.classify_model, method=request.method)
         return ClassifyResponse(model=settings.classify_model, probabilities=probabilities)
+
+    @app.post("/v1/images/{image_id}/ask", responses=PROBLEMS)
+    async def ask(image_id: str, request: AskRequest) -> AskResponse:
+        """The vision-language model's answer to a question about the image (a volume's slice),
+        with medfm.vlm.api.ask; with choices, the most likely of them. Research use, not diagnosis."""
+        from medfm.vlm.api import check_choices, check_question
+
+        upload = upload_of(image_id)
+        if request.model not in (None, asker.name):
+            raise HTTPException(422, f"model '{request.model}' is not served here; /ask runs {asker.name}")
+        check_question(request.question)  # refused here, not after a queue of generations and a model load
+        if request.choices is not None:
+            check_choices(request.choices)
+        index = slice_of(upload, request.slice)
+        image = upload.image if index is None else upload.image.slice(index)
+        answer = await asker.ask(image, request.question, request.choices, request.max_new_tokens)
+        return AskResponse(answer=answer, model=asker.name)
 
     def _mask(upload: Upload, mask_id: str) -> np.ndarray:
         if mask_id == ANNOTATION:

@@ -1,5 +1,6 @@
 """What the server holds between requests: the uploaded images (deleted when idle), the image
-embeddings (an LRU cache bounded in bytes), and the two worker pools that fill and use it.
+embeddings (an LRU cache bounded in bytes), the two worker pools that fill and use it, and the
+vision-language model that answers questions, in a pool of its own.
 
 Encoding (the costly image-encoder pass, once per slice) runs in one pool and prompting (the mask
 decoder, milliseconds) in another, so a prompt on a cached image never queues behind another
@@ -207,3 +208,30 @@ class Segmenter:
     def close(self) -> None:
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Asker:
+    """The server's vision-language model (`medfm.vlm.api`), loaded on the first question (seconds)
+    and kept. Questions run one at a time in their own thread, so a generation of seconds never holds
+    up the segmentation pools, and a model that keeps per-image state is never used by two threads."""
+
+    def __init__(self, source: str, device: str) -> None:
+        self.source, self.device = source, device
+        #: The name clients see and send: a folder is named by its last part, not its path on the server.
+        self.name = Path(source).name if Path(source).is_dir() else source
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="medfm-ask")
+        self.model: Any = None
+
+    async def ask(self, image: MedicalImage, question: str, choices: Sequence[str] | None, max_new_tokens: int) -> str:
+        """The model's answer about a 2D image (a choice exactly as given, when choices are given)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._ask, image, question, choices, max_new_tokens)
+
+    def _ask(self, image: MedicalImage, question: str, choices: Sequence[str] | None, max_new_tokens: int) -> str:
+        from medfm.vlm.api import ask, load
+
+        if self.model is None:
+            self.model = load(self.source, device=self.device)
+        return ask(image, question, self.model, choices, max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,6 @@
 // medfm's browser app: open an image, prompt the server's model with boxes and clicks, keep a
-// label map per slice (several labels, undo/redo), export it through the API. No build step.
+// label map per slice (several labels, undo/redo), export it through the API, classify the image
+// and ask questions about it. No build step.
 "use strict";
 
 const PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6"];
@@ -130,13 +131,14 @@ async function openFile(file) {
   Object.assign(state, { image: info, slice: info.kind === "volume" ? Math.floor(info.slices / 2) : 0, maps: new Map(),
     dirty: new Set(), undo: [], redo: [], session: null, bitmaps: new Map() });
   $("probabilities").replaceChildren();
+  $("answer").hidden = true;
   $("prompt").textContent = "";
   $("name").textContent = `${info.name} · ${info.shape.join("×")} · ${info.modality || "modality unknown"}`;
   $("stage").hidden = false;
   $("slicebar").hidden = info.kind !== "volume";
   $("slice").max = info.slices - 1;
   $("z0").max = $("z1").max = info.slices - 1;
-  $("export").disabled = $("classify").disabled = false;
+  $("export").disabled = $("classify").disabled = $("ask").disabled = false;
   $("format").querySelector('[value="dicom-seg"]').disabled = info.format !== "dicom";
   $("format").querySelector('[value="png"]').disabled = info.kind === "volume";
   $("format").value = "nifti";
@@ -371,6 +373,20 @@ async function classify() {
   }
 }
 
+// The answer comes from the server's vision-language model (by default a language model reading a
+// classifier's findings): shown with its name and what it is for.
+async function ask() {
+  const choices = $("choices").value.split(",").map((s) => s.trim()).filter(Boolean);
+  const request = { question: $("question").value, choices: choices.length ? choices : null,
+    slice: state.image.kind === "volume" ? state.slice : null };
+  const reply = await busy("asking… (the first question loads the model)",
+    async () => (await postJson(`/v1/images/${state.image.id}/ask`, request)).json());
+  if (!reply) return;
+  $("answer-text").textContent = reply.answer || "(the model gave no answer)";
+  $("answer-note").textContent = `${reply.model} · research use, not diagnosis`;
+  $("answer").hidden = false;
+}
+
 // ------------------------------------------------------------------------------------ labels
 function addLabel() {
   const value = state.labels.length ? Math.max(...state.labels.map((l) => l.value)) + 1 : 1;
@@ -433,6 +449,10 @@ function wire() {
   $("new-object").addEventListener("click", () => { state.session = null; drawOverlay(); });
   $("export").addEventListener("click", exportMask);
   $("classify").addEventListener("click", classify);
+  $("ask").addEventListener("click", ask);
+  for (const box of [$("question"), $("choices")]) {
+    box.addEventListener("keydown", (event) => { if (event.key === "Enter" && !$("ask").disabled) ask(); });
+  }
   $("add-label").addEventListener("click", addLabel);
   for (const radio of document.querySelectorAll('input[name="tool"]')) {
     radio.addEventListener("change", () => {
