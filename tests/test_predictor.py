@@ -147,7 +147,8 @@ needs_litemedsam = pytest.mark.skipif(not _litemedsam_installed(), reason="LiteM
 
 @needs_litemedsam
 def test_real_litemedsam_segments_the_bundled_ultrasound() -> None:
-    from medfm.segment.run import dice_per_label, segment
+    from medfm.evaluate.reference import dice_per_label
+    from medfm.segment.run import segment
 
     truth = medfm.read_image(EXAMPLES / "busi_benign_001_mask.png").array
     result = segment(EXAMPLES / "busi_benign_001.png", [Box.from_mask(truth)])

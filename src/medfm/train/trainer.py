@@ -39,6 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 from medfm.data.datasets import discover_cases, split_cases
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, InputFileError, MedfmError
+from medfm.evaluate.metrics import dice
 from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
@@ -202,10 +203,11 @@ def _hard_iou(logits: Tensor, target: Tensor) -> Tensor:
     return torch.where(union > 0, (predicted & truth).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
 
 
-def _hard_dice(logits: Tensor, target: Tensor) -> Tensor:
-    predicted, truth = (logits > 0).flatten(1), (target > 0.5).flatten(1)
-    total = predicted.sum(1) + truth.sum(1)
-    return torch.where(total > 0, 2 * (predicted & truth).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
+def _dice_sum(logits: Tensor, target: Tensor) -> float:
+    """The sum over a batch of each mask's Dice (`medfm.evaluate.metrics.dice`: both empty 1.0) of
+    the thresholded logits against the target; both (B, 1, L, L)."""
+    predicted, truth = (logits[:, 0] > 0).cpu().numpy(), (target[:, 0] > 0.5).cpu().numpy()
+    return sum(dice(mask, reference) for mask, reference in zip(predicted, truth))
 
 
 def correction_click(logits: Tensor, target: Tensor, image_size: int, generator: torch.Generator | None = None
@@ -371,7 +373,7 @@ class Trainer:
             with self._autocast():
                 logits, _ = predict(self.network, self._embeddings(batch), batch, self.mode,
                                     self.config.click_iterations, generator)[-1]
-            total += _hard_dice(logits.float(), batch["target"].to(self.run.device)).sum().item()
+            total += _dice_sum(logits, batch["target"])
         dice_sum, count = self.run.sum([total, float(len(indices))])
         return dice_sum / count
 
