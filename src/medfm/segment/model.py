@@ -208,7 +208,7 @@ class SegmentationModel:
         written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
         modules on it and loads these tensors (`medfm.segment.variants.rebuild_from_delta`).
         """
-        from medfm.io.writers import write_model_folder
+        from medfm.io.writers import jsonable, write_model_folder
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ class SegmentationModel:
             "task": "promptable-segmentation",
             "name": self.name,
             "arch": self.arch,
-            "network": _jsonable(dataclasses.asdict(self.network.config)),
+            "network": jsonable(dataclasses.asdict(self.network.config)),
             "preprocess": self.preprocess.to_dict(),
         }
         if self.semantic is not None:
@@ -225,7 +225,7 @@ class SegmentationModel:
         if self.trained_prompts is not None:
             config["trained_prompts"] = list(self.trained_prompts)
         if training is not None:
-            config |= _jsonable(training) | {"delta": only is not None}
+            config |= jsonable(training) | {"delta": only is not None}
         state = self.network.state_dict()
         keys = state.keys() if only is None else sorted(only)
         tensors = {key: state[key].detach().cpu().contiguous() for key in keys}
@@ -267,14 +267,6 @@ def _pipeline(config: dict) -> tuple[PreprocessConfig, SemanticSettings | None]:
         if config.get("arch") == "samed_vit_b":
             semantic = SAMED_SEMANTIC
     return preprocess, semantic
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
 
 
 def _network_overrides(network: dict) -> dict:

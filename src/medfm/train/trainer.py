@@ -40,6 +40,7 @@ from medfm.data.datasets import discover_cases, split_cases
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, InputFileError, MedfmError
 from medfm.evaluate.metrics import dice
+from medfm.io.writers import jsonable
 from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
@@ -409,7 +410,7 @@ class Trainer:
             self.log(f"resuming {self.out} after epoch {start_epoch} (step {step})")
         if run.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2) + "\n")
+            (self.out / "run.json").write_text(json.dumps(jsonable(asdict(config)), indent=2) + "\n")
         self.log(f"{config.recipe.name} on {self.base_id}: {trainable_parameters(self.network):,} trainable parameters, "
                  f"{len(self.train_set)} training / {len(self.val_set or [])} validation samples, {total} steps, "
                  f"{run.world} process(es) on {run.device}{', bf16' if self.bf16 else ''}")
@@ -489,14 +490,6 @@ class Trainer:
                    "history": history}
         with atomic_path(self.out / "metrics.json") as temporary:
             temporary.write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return str(value) if isinstance(value, Path) else value
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
