@@ -25,7 +25,7 @@ from medfm.prompts import Box, Points
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.request import SegmentRequest
-from medfm.segment.uncertainty import DEFAULT_BOX_COUNT, default_shift, jitter_box, predict_with_uncertainty
+from medfm.segment.uncertainty import predict_with_uncertainty, sam_u_boxes
 from medfm.segment.volume import VolumePrompt, VolumeSegmentation, prompts_from_labels, segment_volume
 
 
@@ -86,7 +86,7 @@ def segment(
             raise PromptError("uncertainty (SAM-U) needs box prompts")
         height, width = prediction.masks.shape[1:]
         entropy = np.max([
-            predict_with_uncertainty(predictor, jitter_box(box, DEFAULT_BOX_COUNT, default_shift(box), height, width, seed=i)).entropy
+            predict_with_uncertainty(predictor, sam_u_boxes(box, height, width, seed=i)).entropy
             for i, box in enumerate(boxes)
         ], axis=0)
     labels = label_map_on_grid(prediction, image, slice_index)
