@@ -32,7 +32,7 @@ from medfm.device import resolve_device
 from medfm.errors import CheckpointError, MedfmError
 from medfm.hub import HUB_ID, hub_snapshot, resolve
 from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
-from medfm.safe_load import MODEL_WEIGHTS, read_folder_weights
+from medfm.safe_load import MODEL_WEIGHTS, load_strict, read_folder_weights
 from medfm.segment.adapted import (
     ADAPTED_CONFIGS,
     MSA_PREPROCESS,
@@ -247,7 +247,7 @@ class SegmentationModel:
 
             network = rebuild_from_delta(config, state, str(directory / MODEL_WEIGHTS))
         else:
-            _load_strict(network, state, directory / MODEL_WEIGHTS)
+            load_strict(network, state, directory / MODEL_WEIGHTS)
         prompts = config.get("trained_prompts")
         if prompts is None and config.get("base") in PRETRAINED:  # a fine-tune saved before configs said so
             prompts = PRETRAINED[config["base"]].prompts
@@ -275,13 +275,6 @@ def _network_overrides(network: dict) -> dict:
     overrides = tuples(network)
     overrides["encoder"] = tuples(network["encoder"])
     return overrides
-
-
-def _load_strict(network: SamCore, state: dict[str, torch.Tensor], source: Path) -> None:
-    result = network.load_state_dict(state, strict=False)
-    problems = [f"missing {k}" for k in result.missing_keys[:5]] + [f"unexpected {k}" for k in result.unexpected_keys[:5]]
-    if problems:
-        raise CheckpointError(source, "weights do not match the architecture: " + ", ".join(problems))
 
 
 def resolve_weights(spec: PretrainedSpec) -> Path:
