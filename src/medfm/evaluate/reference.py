@@ -76,11 +76,3 @@ def _best_overlap(reference: np.ndarray, box: Box, values: Sequence[int]) -> int
         if iou > best_iou:
             best, best_iou = value, iou
     return best
-
-
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] | None = None) -> dict[int, float]:
-    """Dice of each label (default: every foreground label of either map) against the same label in
-    the reference; both empty counts as 1.0."""
-    if labels is None:
-        labels = sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0})
-    return {int(label): dice(prediction == label, reference == label) for label in labels}
