@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import medfm
+from medfm.evaluate.metrics import dice
 from medfm.prompts import Box
 
 
@@ -61,7 +62,7 @@ def main() -> None:
             decode, prediction = timed(device, lambda: predictor.predict(boxes=[box]))
             ten, _ = timed(device, lambda: predictor.predict(boxes=[box] * 10))
             masks[device], times[device] = prediction.masks[0], (encode, decode, ten / 10)
-        overlap = 2 * (masks["cpu"] & masks["cuda"]).sum() / max(1, masks["cpu"].sum() + masks["cuda"].sum())
+        overlap = dice(masks["cpu"], masks["cuda"])
         rows.append((path.name, *times["cpu"], *times["cuda"], overlap))
         print(f"{path.name:40} cpu enc {times['cpu'][0]*1e3:7.1f} ms dec {times['cpu'][1]*1e3:6.1f} ms | "
               f"cuda enc {times['cuda'][0]*1e3:6.1f} ms dec {times['cuda'][1]*1e3:6.1f} ms dec/box@10 {times['cuda'][2]*1e3:5.2f} ms | "

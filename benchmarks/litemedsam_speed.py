@@ -281,13 +281,10 @@ def unpack(bits: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8), count=count).reshape(shape).astype(bool)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / total if total else 1.0
-
-
 def summarise(run: dict, cases: list[dict], reference: dict | None) -> dict:
     from PIL import Image
+
+    from medfm.evaluate.metrics import dice
 
     truth_dice, ref_dice = [], []
     ref_masks = {r["id"]: r["mask_bits"] for r in reference["images"]} if reference else {}

@@ -28,6 +28,7 @@ import torch
 from scipy.ndimage import zoom
 
 import medfm
+from medfm.evaluate.metrics import dice
 from medfm.io import MedicalImage
 from medfm.prompts import Box3D
 from medfm.segment.fast import bf16_supported
@@ -66,7 +67,7 @@ def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slic
         "precision": precision, "slice_step": slice_step, "organ_slices": box.z1 - box.z0 + 1,
         "slices_encoded": result.encoded_slices, "seconds": round(result.seconds, 2),
         "seconds_per_encoded_slice": round(result.seconds / max(1, result.encoded_slices), 3),
-        "dice": round(float(2 * (ours & organ).sum() / (ours.sum() + organ.sum())), 4),
+        "dice": round(dice(ours, organ), 4),
     }
 
 

@@ -15,11 +15,11 @@ import pytest
 import medfm
 import medfm.segment.run
 from medfm.errors import InputFileError, OutputFileError, PromptError
+from medfm.evaluate.reference import compare_with_reference
 from medfm.intensity import PRESET_NAMES
 from medfm.io.outputs import TEMPORARY_MARK, check_outputs
 from medfm.io.writers import atomic_path
 from medfm.prompts import Box
-from medfm.segment.run import compare_with_reference
 from tests.conftest import EXAMPLES
 from tests.test_cli import run_medfm
 from tests.test_predictor import tiny_model  # noqa: F401 - fixture

@@ -8,16 +8,16 @@ import pytest
 from medfm.errors import PromptError
 from medfm.prompts import Box
 from medfm.segment.run import segment
-from medfm.segment.uncertainty import binary_entropy, error_detection_auc, jitter_box, predict_with_uncertainty
+from medfm.segment.uncertainty import binary_entropy, error_detection_auc, predict_with_uncertainty, sam_u_boxes
 from tests.conftest import EXAMPLES
 from tests.test_predictor import tiny_model  # noqa: F401 - fixture
 
 
 def test_jittered_boxes_are_deterministic_bounded_and_start_with_the_box() -> None:
     box = Box(10, 20, 50, 60)
-    boxes = jitter_box(box, 20, 5, height=64, width=64, seed=3)
+    boxes = sam_u_boxes(box, 64, 64, max_shift=5, seed=3)
     assert len(boxes) == 20 and boxes[0] == box
-    assert boxes == jitter_box(box, 20, 5, height=64, width=64, seed=3)
+    assert boxes == sam_u_boxes(box, 64, 64, max_shift=5, seed=3)
     corners = np.stack([b.as_array() for b in boxes[1:]])
     assert np.all(np.abs(corners - box.as_array()) <= 5 + 1e-9) and corners.max() <= 63 and corners.min() >= 0
     assert len({tuple(c) for c in corners}) == 19
@@ -43,7 +43,7 @@ def test_error_detection_auc_by_hand() -> None:
 def test_sam_u_on_a_real_image_with_a_tiny_model(tiny_model) -> None:
     predictor = tiny_model.predictor()
     predictor.set_image(EXAMPLES / "busi_benign_001.png")
-    boxes = jitter_box(Box(200, 100, 280, 140), 20, 6, 416, 416)
+    boxes = sam_u_boxes(Box(200, 100, 280, 140), 416, 416, max_shift=6)
     result = predict_with_uncertainty(predictor, boxes)
     assert result.probability.shape == result.entropy.shape == result.variance.shape == (416, 416)
     np.testing.assert_array_equal(result.mask, result.probability > 0.5)

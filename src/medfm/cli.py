@@ -164,12 +164,15 @@ def segment(
         _say(f"wrote {_paths(outcome.written)} ({len(result.prediction.masks)} label(s), scores "
              + ", ".join(f"{s:.3f}" for s in result.prediction.scores)
              + f"); encoder {result.encode_seconds:.2f} s, decoder {result.decode_seconds * 1000:.0f} ms")
-    if outcome.reference:
+    from medfm.evaluate.reference import score_outcome
+
+    scores = score_outcome(outcome)
+    if scores:
         _say("Dice vs reference: " + ", ".join(
             ("foreground" if score.label is None else f"label {score.label}")
             + ("" if score.label is None or score.reference_label == score.label else
                f" (reference {'label ' + str(score.reference_label) if score.reference_label is not None else 'has none there'})")
-            + f": {score.dice:.4f}" for score in outcome.reference))
+            + f": {score.dice:.4f}" for score in scores))
 
 
 def _paths(paths: list[Path]) -> str:

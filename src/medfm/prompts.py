@@ -135,3 +135,26 @@ class Box3D:
                 f"3D box ({self.x0}, {self.y0}, {self.z0}, {self.x1}, {self.y1}, {self.z1}) reaches outside the volume "
                 f"(x 0..{width - 1}, y 0..{height - 1}, z 0..{depth - 1})"
             )
+
+
+def jitter_box(box: Box, rng: np.random.Generator, outwards: float, inwards: float = 0, *, height: int, width: int,
+               whole_pixels: bool = True) -> Box:
+    """``box`` with each side moved by its own draw from ``[-inwards, outwards]`` pixels (positive
+    loosens the box, negative tightens it): whole pixels (``rng.integers``) or any amount
+    (``rng.uniform``). A side moved inwards stops at the box's centre, so the box never inverts, and
+    every side stays within the ``width`` x ``height`` image.
+
+    Its variants: MedSAM-style evaluation prompts (outwards only), training (outwards by up to J,
+    inwards by up to J // 2) and SAM-U (any amount, both ways alike).
+    """
+    if whole_pixels:
+        shift = rng.integers(-inwards, outwards + 1, size=4)
+    else:
+        shift = rng.uniform(-inwards, outwards, size=4)
+    corners = box.as_array()
+    moved = corners + shift * np.array([-1, -1, 1, 1])
+    centre = (corners[:2] + corners[2:]) / 2
+    moved[:2] = np.minimum(moved[:2], np.floor(centre))
+    moved[2:] = np.maximum(moved[2:], np.ceil(centre))
+    x0, y0, x1, y1 = np.clip(moved, 0, [width - 1, height - 1, width - 1, height - 1])
+    return Box(float(x0), float(y0), float(x1), float(y1))

@@ -19,7 +19,7 @@ import threading
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,19 @@ def read_folder_weights(directory: str | PathLike[str], config: Mapping[str, Any
         return load_file(str(weights), device="cpu")
     except Exception as error:  # SafetensorError, OSError, ...
         raise CheckpointError(weights, f"cannot read the weights ({_first_line(error)})") from error
+
+
+def load_strict(module: Any, state: Mapping[str, Any], source: str | PathLike[str], part: str | None = None,
+                may_miss: Callable[[str], bool] = lambda key: False) -> None:
+    """Load ``state`` into the torch ``module``: every parameter must be there (except those
+    ``may_miss`` allows, e.g. frozen backbones that come from elsewhere) and nothing more, or a
+    `CheckpointError` names ``source``, the ``part`` when given, and the first keys that differ."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not may_miss(key)]
+    problems = [f"missing {key}" for key in missing[:5]] + [f"unexpected {key}" for key in result.unexpected_keys[:5]]
+    if problems:
+        what = "weights do not match the architecture" if part is None else f"the {part}'s weights do not match its architecture"
+        raise CheckpointError(source, f"{what}: " + ", ".join(problems))
 
 
 def _first_line(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-from medfm.clip.model import DualEncoder, load_strict, load_tokenizer
+from medfm.clip.model import DualEncoder, load_tokenizer, load_weights
 from medfm.clip.preprocess import (
     CHEXZERO_PREPROCESS,
     CLIP_MEAN,
@@ -109,7 +109,7 @@ def load_open_clip(folder: Path) -> DualEncoder:
                  **{f"text_backbone.model.{k}": v for k, v in text_state.items()},
                  "image_projection.weight": state["visual.head.proj.weight"], "logit_scale": state["logit_scale"]}
     converted.update({f"text_projection.{k.removeprefix('text.proj.')}": v for k, v in state.items() if k.startswith("text.proj.")})
-    load_strict(model, converted, weights)
+    load_weights(model, converted, weights)
     return model
 
 
@@ -180,7 +180,7 @@ def load_chexzero(path: Path, tokenizer: str | Path | Any) -> DualEncoder:
         "preprocess": {**CHEXZERO_PREPROCESS.to_dict(), "image_size": vision["image_size"]},
     }
     model = DualEncoder(config, tokenizer)
-    load_strict(model, converted, path)
+    load_weights(model, converted, path)
     return model
 
 

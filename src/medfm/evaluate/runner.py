@@ -28,11 +28,10 @@ from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel, load
-from medfm.segment.uncertainty import default_shift, error_detection_auc, jitter_box, predict_with_uncertainty
+from medfm.segment.uncertainty import error_detection_auc, predict_with_uncertainty, sam_u_boxes
 from medfm.segment.volume import VolumePrompt, check_slice_step, segment_volume
 
 METRICS = ("dice", "iou", "nsd", "hd95")
-SAM_U_BOXES = 20
 
 
 @dataclass
@@ -189,7 +188,7 @@ def _evaluate_image(
 def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed, tolerance_mm, encode_seconds) -> CaseResult:  # noqa: ANN001
     """SAM-U for one target: 20 jittered boxes, mean probability, entropy as the uncertainty."""
     started = time.perf_counter()
-    boxes = jitter_box(simulated.box, SAM_U_BOXES, default_shift(simulated.box), *image.spatial_shape, seed=seed + simulated.label)
+    boxes = sam_u_boxes(simulated.box, *image.spatial_shape, seed=seed + simulated.label)
     result = predict_with_uncertainty(predictor, boxes)
     truth = reference == simulated.label
     region = _boxes_region(boxes, image.spatial_shape)

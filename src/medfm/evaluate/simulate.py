@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medfm.prompts import Box, Points
+from medfm.prompts import Box, Points, jitter_box
 
 __all__ = ["MODES", "SimulatedPrompt", "simulate_prompts"]
 
@@ -114,7 +114,8 @@ def simulate_prompts(
             rng = np.random.default_rng([seed, label, 0 if component is None else component + 1])
             tight = Box(float(offset[1]), float(offset[0]), float(window[1].stop - 1), float(window[0].stop - 1))
             if positives is None:  # a box mode
-                box = _jitter_box(tight, jitter, mask.shape, rng) if mode == "box-jitter" else tight
+                box = (jitter_box(tight, rng, jitter, height=mask.shape[0], width=mask.shape[1])
+                       if mode == "box-jitter" else tight)
                 note = _box_note(int(target.sum()), tight, n_components, mask.shape)
                 prompts.append(SimulatedPrompt(label, box, None, component, note))
             else:
@@ -137,16 +138,6 @@ def _parse_mode(mode: str) -> tuple[int | None, int]:
             "e.g. 'points:1') and 'points:K+N' (K positive + N negative clicks, e.g. 'points:1+1')"
         )
     return int(match.group(1)), int(match.group(2) or 0)
-
-
-def _jitter_box(box: Box, jitter: int, shape: tuple[int, ...], rng: np.random.Generator) -> Box:
-    """MedSAM's training jitter: each side moves outwards by 0..jitter pixels, within the image."""
-    height, width = shape
-    grow = rng.integers(0, jitter + 1, size=4)
-    return Box(
-        float(max(0, box.x0 - grow[0])), float(max(0, box.y0 - grow[1])),
-        float(min(width - 1, box.x1 + grow[2])), float(min(height - 1, box.y1 + grow[3])),
-    )
 
 
 def _box_note(target_pixels: int, box: Box, n_components: int, shape: tuple[int, ...]) -> str | None:

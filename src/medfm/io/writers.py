@@ -229,6 +229,16 @@ def _write_dicom_seg(mask: np.ndarray, path: Path, like: MedicalImage | None, na
     seg.save_as(path)
 
 
+def jsonable(value: object) -> object:
+    """``value`` (e.g. a ``dataclasses.asdict``) with tuples as lists and paths as strings, so that
+    ``json.dumps`` writes it and a reader gets back the same numbers and names."""
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def write_model_folder(directory: str | PathLike[str], config: dict, tensors: dict) -> Path:
     """A medfm model folder: ``model.safetensors`` (CPU-contiguous ``tensors``) and ``config.json``
     with the weights' SHA-256 (checked when the folder loads), each written atomically; returns the folder."""

@@ -42,7 +42,7 @@ from medfm.segment.checkpoints import (
     detect_layout,
     load_state_dict_file,
 )
-from medfm.segment.sam import SamCore, SamCoreConfig, ViTConfig, build_sam
+from medfm.segment.sam import SamCore, SamCoreConfig, ViTConfig, build_registered, build_sam, with_overrides
 
 _VIT_B = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11))
 
@@ -129,12 +129,7 @@ SAMED_SEMANTIC = SemanticSettings(SYNAPSE_CLASSES, 224, IntensityPreset("window"
 
 def build_adapted(arch: str, **overrides: Any) -> SamCore:
     """Build an adapted architecture with random weights; ``overrides`` as in :func:`build_sam`."""
-    if arch not in ADAPTED_CONFIGS:
-        raise KeyError(f"unknown adapted SAM architecture {arch!r}; known: {', '.join(ADAPTED_CONFIGS)}")
-    config = ADAPTED_CONFIGS[arch]
-    if isinstance(overrides.get("encoder"), dict):
-        overrides["encoder"] = dataclasses.replace(config.encoder, **overrides["encoder"])
-    return SamCore(dataclasses.replace(config, **overrides))
+    return build_registered(ADAPTED_CONFIGS, "adapted SAM architecture", arch, **overrides)
 
 
 def build_any(arch: str, **overrides: Any) -> SamCore:
@@ -215,11 +210,8 @@ def _adapter_ratio(state: Mapping[str, Tensor], key: str, embed_dim: int, defaul
 
 
 def _apply_overrides(config: SamCoreConfig, overrides: dict[str, Any]) -> SamCoreConfig:
-    overrides = dict(overrides)
-    if isinstance(overrides.get("encoder"), dict):
-        overrides["encoder"] = dataclasses.replace(config.encoder, **overrides["encoder"])
     try:
-        return dataclasses.replace(config, **overrides)
+        return with_overrides(config, **overrides)
     except TypeError as error:
         raise CheckpointError("overrides", f"not an architecture field: {error}") from error
 

@@ -32,7 +32,7 @@ from medfm.device import resolve_device
 from medfm.errors import CheckpointError, MedfmError
 from medfm.hub import HUB_ID, hub_snapshot, resolve
 from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
-from medfm.safe_load import MODEL_WEIGHTS, read_folder_weights
+from medfm.safe_load import MODEL_WEIGHTS, load_strict, read_folder_weights
 from medfm.segment.adapted import (
     ADAPTED_CONFIGS,
     MSA_PREPROCESS,
@@ -208,7 +208,7 @@ class SegmentationModel:
         written and the folder is a *delta*: loading it loads the base, rebuilds the recipe's
         modules on it and loads these tensors (`medfm.segment.variants.rebuild_from_delta`).
         """
-        from medfm.io.writers import write_model_folder
+        from medfm.io.writers import jsonable, write_model_folder
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ class SegmentationModel:
             "task": "promptable-segmentation",
             "name": self.name,
             "arch": self.arch,
-            "network": _jsonable(dataclasses.asdict(self.network.config)),
+            "network": jsonable(dataclasses.asdict(self.network.config)),
             "preprocess": self.preprocess.to_dict(),
         }
         if self.semantic is not None:
@@ -225,7 +225,7 @@ class SegmentationModel:
         if self.trained_prompts is not None:
             config["trained_prompts"] = list(self.trained_prompts)
         if training is not None:
-            config |= _jsonable(training) | {"delta": only is not None}
+            config |= jsonable(training) | {"delta": only is not None}
         state = self.network.state_dict()
         keys = state.keys() if only is None else sorted(only)
         tensors = {key: state[key].detach().cpu().contiguous() for key in keys}
@@ -247,7 +247,7 @@ class SegmentationModel:
 
             network = rebuild_from_delta(config, state, str(directory / MODEL_WEIGHTS))
         else:
-            _load_strict(network, state, directory / MODEL_WEIGHTS)
+            load_strict(network, state, directory / MODEL_WEIGHTS)
         prompts = config.get("trained_prompts")
         if prompts is None and config.get("base") in PRETRAINED:  # a fine-tune saved before configs said so
             prompts = PRETRAINED[config["base"]].prompts
@@ -269,27 +269,12 @@ def _pipeline(config: dict) -> tuple[PreprocessConfig, SemanticSettings | None]:
     return preprocess, semantic
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
-
-
 def _network_overrides(network: dict) -> dict:
     """A saved network config as `build_sam` overrides (lists back to tuples)."""
     tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
     overrides = tuples(network)
     overrides["encoder"] = tuples(network["encoder"])
     return overrides
-
-
-def _load_strict(network: SamCore, state: dict[str, torch.Tensor], source: Path) -> None:
-    result = network.load_state_dict(state, strict=False)
-    problems = [f"missing {k}" for k in result.missing_keys[:5]] + [f"unexpected {k}" for k in result.unexpected_keys[:5]]
-    if problems:
-        raise CheckpointError(source, "weights do not match the architecture: " + ", ".join(problems))
 
 
 def resolve_weights(spec: PretrainedSpec) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from medfm.prompts import Box, Points
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.request import SegmentRequest
-from medfm.segment.uncertainty import DEFAULT_BOX_COUNT, default_shift, jitter_box, predict_with_uncertainty
+from medfm.segment.uncertainty import predict_with_uncertainty, sam_u_boxes
 from medfm.segment.volume import VolumePrompt, VolumeSegmentation, prompts_from_labels, segment_volume
 
 
@@ -86,7 +86,7 @@ def segment(
             raise PromptError("uncertainty (SAM-U) needs box prompts")
         height, width = prediction.masks.shape[1:]
         entropy = np.max([
-            predict_with_uncertainty(predictor, jitter_box(box, DEFAULT_BOX_COUNT, default_shift(box), height, width, seed=i)).entropy
+            predict_with_uncertainty(predictor, sam_u_boxes(box, height, width, seed=i)).entropy
             for i, box in enumerate(boxes)
         ], axis=0)
     labels = label_map_on_grid(prediction, image, slice_index)
@@ -183,89 +183,32 @@ def read_label_map(path: str | PathLike[str], like: MedicalImage) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ReferenceScore:
-    """The Dice of one output label (None: every label together) against one reference value
-    (None: the reference's whole foreground, or no label of the reference at the prompt)."""
+class ReferenceComparison:
+    """What a reference is compared on: the label map and the reference on the same grid (a volume's
+    segmented slice only, for a 2D prompt), and each output label's prompt: (the slice its 2D box
+    lies on or None, the box), or None for a label taken from a label map (``--boxes-from``).
+    `medfm.evaluate.reference.score_outcome` scores it."""
 
-    label: int | None
-    reference_label: int | None
-    dice: float
-
-
-def compare_with_reference(
-    label_map: np.ndarray, reference: np.ndarray, prompts: Mapping[int, tuple[int | None, Box] | None],
-) -> list[ReferenceScore]:
-    """Dice of each output label against the reference structure it prompts, matched by value.
-
-    ``prompts`` maps each output label to (the slice its 2D box lies on or None, the box), or to
-    None for a label taken from a label map (``--boxes-from``). A reference with one foreground
-    value is compared foreground against foreground (a binary 0/1 or 0/255 mask). With several
-    values, a label from a label map is compared with the same value; a label from a box with the reference
-    value whose bounding box on that slice overlaps the prompt's box most (IoU), so a liver box
-    is scored against the liver whatever number the reference gives it.
-    """
-    values = [int(v) for v in np.unique(reference) if v != 0]
-    if len(values) <= 1:
-        return [ReferenceScore(None, values[0] if values else None, _dice(label_map > 0, reference != 0))]
-    scores = []
-    for label, prompt in prompts.items():
-        if prompt is None:
-            matched = label if label in values else None
-        else:
-            slice_index, box = prompt
-            matched = _best_overlap(reference if slice_index is None else reference[slice_index], box, values)
-        truth = reference == matched if matched is not None else np.zeros(reference.shape, bool)
-        scores.append(ReferenceScore(label, matched, _dice(label_map == label, truth)))
-    return scores
-
-
-def _best_overlap(reference: np.ndarray, box: Box, values: Sequence[int]) -> int | None:
-    """The reference value whose bounding box has the highest IoU with ``box`` (None: none overlaps)."""
-    best, best_iou = None, 0.0
-    for value in values:
-        if not (reference == value).any():
-            continue
-        theirs = Box.from_mask(reference == value)
-        width = min(box.x1, theirs.x1) - max(box.x0, theirs.x0) + 1
-        height = min(box.y1, theirs.y1) - max(box.y0, theirs.y0) + 1
-        if width <= 0 or height <= 0:
-            continue
-        area = lambda b: (b.x1 - b.x0 + 1) * (b.y1 - b.y0 + 1)  # noqa: E731 - corners inclusive
-        iou = width * height / (area(box) + area(theirs) - width * height)
-        if iou > best_iou:
-            best, best_iou = value, iou
-    return best
-
-
-def _dice(ours: np.ndarray, theirs: np.ndarray) -> float:
-    """Dice of two boolean masks; both empty counts as 1.0."""
-    total = ours.sum() + theirs.sum()
-    return 1.0 if total == 0 else float(2 * (ours & theirs).sum() / total)
-
-
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] | None = None) -> dict[int, float]:
-    """Dice of each label (default: every foreground label of either map) against the same label in
-    the reference; both empty counts as 1.0."""
-    if labels is None:
-        labels = sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0})
-    return {int(label): _dice(prediction == label, reference == label) for label in labels}
+    label_map: np.ndarray
+    reference: np.ndarray
+    prompts: Mapping[int, tuple[int | None, Box] | None]
 
 
 @dataclass
 class SegmentOutcome:
-    """What `run_request` wrote and found: the files, the 2D result or the volume's, the scores
-    against the reference (empty without one)."""
+    """What `run_request` wrote and found: the files, the 2D result or the volume's, and what to
+    compare with the reference (None without one)."""
 
     written: list[Path]
     result: SegmentationResult | None = None
     volume: VolumeSegmentation | None = None
-    reference: list[ReferenceScore] = field(default_factory=list)
+    comparison: ReferenceComparison | None = None
 
 
 def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOutcome:
     """Carry out ``medfm segment``: every check first (options and output paths, then the prompts
     against the image and the label maps' grids), then load the model, segment, write each output
-    atomically and score against the reference. ``progress`` reports 3D work on stderr."""
+    atomically and gather what the reference is compared on. ``progress`` reports 3D work on stderr."""
     request.check()
     image = read_image(request.input, modality=request.modality, frame=request.frame, max_bytes=request.max_bytes)
     request.check_image(image)
@@ -291,8 +234,8 @@ def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOu
     if reference is not None:  # on the segmented slice only: the rest of a volume's map is empty by design
         boxes = list(request.boxes) or [Box(*request.points.coords[0], *request.points.coords[0])]
         plane = (lambda array: array) if request.slice_index is None else (lambda array: array[request.slice_index])
-        outcome.reference = compare_with_reference(plane(result.label_map), plane(reference),
-                                                   {label: (None, box) for label, box in enumerate(boxes, 1)})
+        outcome.comparison = ReferenceComparison(plane(result.label_map), plane(reference),
+                                                 {label: (None, box) for label, box in enumerate(boxes, 1)})
     return outcome
 
 
@@ -314,6 +257,6 @@ def _run_volume(request: SegmentRequest, image: MedicalImage, model: Segmentatio
     outcome = SegmentOutcome(written, volume=volume)
     if reference is not None:
         by_box = {label for label in range(1, len(request.boxes3d) + 1)}
-        outcome.reference = compare_with_reference(volume.label_map, reference,
-                                                   {p.label: starts[p.label] if p.label in by_box else None for p in prompts})
+        outcome.comparison = ReferenceComparison(volume.label_map, reference,
+                                                 {p.label: starts[p.label] if p.label in by_box else None for p in prompts})
     return outcome

@@ -21,7 +21,7 @@ Pixel normalisation is not part of this module: ``encode`` takes already-normali
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,12 +289,22 @@ def build_sam(arch: str, **overrides: Any) -> SamCore:
         build_sam("sam_vit_b", image_size=64, encoder=dict(embed_dim=64, depth=2, num_heads=2,
                   global_attn_indexes=(1,), window_size=4))
     """
-    if arch not in SAM_CONFIGS:
-        raise KeyError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_CONFIGS)}")
-    config = SAM_CONFIGS[arch]
+    return build_registered(SAM_CONFIGS, "SAM architecture", arch, **overrides)
+
+
+def build_registered(configs: Mapping[str, SamCoreConfig], kind: str, arch: str, **overrides: Any) -> SamCore:
+    """``configs[arch]`` built with random weights and ``overrides`` (see :func:`build_sam`); a
+    KeyError naming the ``kind`` and the known names when ``arch`` is not there."""
+    if arch not in configs:
+        raise KeyError(f"unknown {kind} {arch!r}; known: {', '.join(configs)}")
+    return SamCore(with_overrides(configs[arch], **overrides))
+
+
+def with_overrides(config: SamCoreConfig, **overrides: Any) -> SamCoreConfig:
+    """``config`` with fields replaced; ``encoder`` may be a dict of fields of the encoder config."""
     if isinstance(overrides.get("encoder"), dict):
         overrides["encoder"] = dataclasses.replace(config.encoder, **overrides["encoder"])
-    return SamCore(dataclasses.replace(config, **overrides))
+    return dataclasses.replace(config, **overrides)
 
 
 def build_sam_vit_b(**overrides: Any) -> SamCore:

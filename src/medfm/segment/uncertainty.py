@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfm.prompts import Box
+from medfm.prompts import Box, jitter_box
 from medfm.segment.predictor import Predictor
 
 #: SAM-U uses 20 jittered boxes per target.
@@ -36,17 +36,14 @@ class UncertainPrediction:
     boxes: list[Box]
 
 
-def jitter_box(box: Box, count: int, max_shift: float, height: int, width: int, seed: int = 0) -> list[Box]:
-    """``count`` boxes whose corners move independently by up to ``max_shift`` pixels (the first is
-    the box itself), clipped to the image and never inverted."""
+def sam_u_boxes(box: Box, height: int, width: int, *, count: int = DEFAULT_BOX_COUNT, max_shift: float | None = None,
+                seed: int = 0) -> list[Box]:
+    """``count`` boxes whose sides move independently by up to ``max_shift`` pixels either way
+    (default: `default_shift`), the first being the box itself; within the image, never inverted."""
     rng = np.random.default_rng(seed)
-    boxes = [box]
-    for _ in range(count - 1):
-        x0, y0, x1, y1 = box.as_array() + rng.uniform(-max_shift, max_shift, size=4)
-        x0, x1 = np.clip(sorted((x0, x1)), 0, width - 1)
-        y0, y1 = np.clip(sorted((y0, y1)), 0, height - 1)
-        boxes.append(Box(float(x0), float(y0), float(x1), float(y1)))
-    return boxes
+    shift = default_shift(box) if max_shift is None else max_shift
+    return [box] + [jitter_box(box, rng, shift, shift, height=height, width=width, whole_pixels=False)
+                    for _ in range(count - 1)]
 
 
 def binary_entropy(probability: np.ndarray) -> np.ndarray:

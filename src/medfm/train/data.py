@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from medfm.errors import InputFileError
+from medfm.prompts import Box, jitter_box
 from medfm.data.datasets import Case
 from medfm.io import read_image
 from medfm.preprocess import PreprocessConfig, prepare, resized_shape, to_uint8_rgb
@@ -117,12 +118,7 @@ def jittered_box(target_low: np.ndarray, image_size: int, jitter: int, rng: np.r
     box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64) * scale
     box[2:] -= 1
     if rng is not None and jitter > 0:
-        shift = rng.integers(-(jitter // 2), jitter + 1, size=4)
-        grown = box + shift * np.array([-1, -1, 1, 1])
-        centre = (box[:2] + box[2:]) / 2
-        grown[:2] = np.minimum(grown[:2], np.floor(centre))
-        grown[2:] = np.maximum(grown[2:], np.ceil(centre))
-        box = np.clip(grown, 0, image_size - 1)
+        box = jitter_box(Box(*box), rng, jitter, jitter // 2, height=image_size, width=image_size).as_array()
     return box.astype(np.float32)
 
 

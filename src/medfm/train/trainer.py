@@ -39,6 +39,8 @@ from torch.utils.data.distributed import DistributedSampler
 from medfm.data.datasets import discover_cases, split_cases
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, InputFileError, MedfmError
+from medfm.evaluate.metrics import dice
+from medfm.io.writers import jsonable
 from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
@@ -202,10 +204,11 @@ def _hard_iou(logits: Tensor, target: Tensor) -> Tensor:
     return torch.where(union > 0, (predicted & truth).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
 
 
-def _hard_dice(logits: Tensor, target: Tensor) -> Tensor:
-    predicted, truth = (logits > 0).flatten(1), (target > 0.5).flatten(1)
-    total = predicted.sum(1) + truth.sum(1)
-    return torch.where(total > 0, 2 * (predicted & truth).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
+def _dice_sum(logits: Tensor, target: Tensor) -> float:
+    """The sum over a batch of each mask's Dice (`medfm.evaluate.metrics.dice`: both empty 1.0) of
+    the thresholded logits against the target; both (B, 1, L, L)."""
+    predicted, truth = (logits[:, 0] > 0).cpu().numpy(), (target[:, 0] > 0.5).cpu().numpy()
+    return sum(dice(mask, reference) for mask, reference in zip(predicted, truth))
 
 
 def correction_click(logits: Tensor, target: Tensor, image_size: int, generator: torch.Generator | None = None
@@ -371,7 +374,7 @@ class Trainer:
             with self._autocast():
                 logits, _ = predict(self.network, self._embeddings(batch), batch, self.mode,
                                     self.config.click_iterations, generator)[-1]
-            total += _hard_dice(logits.float(), batch["target"].to(self.run.device)).sum().item()
+            total += _dice_sum(logits, batch["target"])
         dice_sum, count = self.run.sum([total, float(len(indices))])
         return dice_sum / count
 
@@ -407,7 +410,7 @@ class Trainer:
             self.log(f"resuming {self.out} after epoch {start_epoch} (step {step})")
         if run.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2) + "\n")
+            (self.out / "run.json").write_text(json.dumps(jsonable(asdict(config)), indent=2) + "\n")
         self.log(f"{config.recipe.name} on {self.base_id}: {trainable_parameters(self.network):,} trainable parameters, "
                  f"{len(self.train_set)} training / {len(self.val_set or [])} validation samples, {total} steps, "
                  f"{run.world} process(es) on {run.device}{', bf16' if self.bf16 else ''}")
@@ -487,14 +490,6 @@ class Trainer:
                    "history": history}
         with atomic_path(self.out / "metrics.json") as temporary:
             temporary.write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return str(value) if isinstance(value, Path) else value
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from medfm.clip.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from medfm.errors import CheckpointError
+from medfm.safe_load import load_strict
 from medfm.vlm.connectors import build_connector
 from medfm.vlm.encoders import build_encoder
 from medfm.vlm.model import LLAVA, LLAVA_MED, VisionLanguageModel
@@ -87,11 +88,8 @@ def _language_model(config: dict[str, Any], state: dict[str, Tensor], source: Pa
 
 
 def _load_strict(module: nn.Module, state: dict[str, Tensor], source: Path, part: str) -> None:
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("rotary_emb.inv_freq")]
-    problems = [f"missing {k}" for k in missing[:4]] + [f"unexpected {k}" for k in result.unexpected_keys[:4]]
-    if problems:
-        raise CheckpointError(source, f"the {part}'s weights do not match its architecture: " + ", ".join(problems))
+    """`load_strict` of one part; rotary inverse frequencies are computed, not stored."""
+    load_strict(module, state, source, part, may_miss=lambda key: key.endswith("rotary_emb.inv_freq"))
 
 
 def _split(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
