@@ -122,3 +122,30 @@ def test_a_volume_is_converted_only_where_slices_are_encoded(monkeypatch) -> Non
     predictor.set_image(volume, slice_index=7)
     list(predictor.encode_slices(volume, [8, 9]))
     assert converted == [7, 8, 9]
+
+
+def test_every_resize_kernel_is_the_library_it_names() -> None:
+    """The kernels `benchmarks/resize_kernels.py` compares: OpenCV's, and torch's antialiased
+    bilinear kept in float (no rounding back to uint8)."""
+    import dataclasses
+
+    import cv2
+    import torch.nn.functional as F
+
+    rgb = np.random.default_rng(0).integers(0, 256, (97, 61, 3), dtype=np.uint8)
+    flags = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+    results = {}
+    for kernel in (*flags, "torch-bilinear-aa"):
+        config = dataclasses.replace(LITEMEDSAM_PREPROCESS, image_size=32, normalization="mean-std",
+                                     pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0), interpolation=kernel)
+        pixels, geometry = prepare(rgb, config)
+        h, w = geometry.resized_hw
+        results[kernel] = pixels[0, :, :h, :w].permute(1, 2, 0).numpy()
+        if kernel in flags:
+            expected = cv2.resize(rgb, (w, h), interpolation=flags[kernel]).astype(np.float32)
+        else:
+            tensor = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+            expected = F.interpolate(tensor, (h, w), mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(results[kernel], expected, atol=1e-4)
+    assert not np.allclose(results["area"], results["torch-bilinear-aa"])  # they really differ
+    assert not np.array_equal(results["torch-bilinear-aa"], np.round(results["torch-bilinear-aa"]))  # kept in float

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from medfm.intensity import IntensityPreset, default_preset, scaler
 
 RESIZE_MODES = {"longest-side", "stretch"}
-INTERPOLATIONS = {"area", "nearest", "pil-bilinear", "skimage-cubic-aa"}
+INTERPOLATIONS = {"area", "nearest", "bilinear", "bicubic", "torch-bilinear-aa", "pil-bilinear", "skimage-cubic-aa"}
 CHANNEL_ORDERS = {"rgb", "bgr"}
 NORMALIZATIONS = {"minmax", "mean-std"}
 UPSAMPLINGS = {"crop-then-resize", "pad-resize-crop-resize"}
@@ -33,8 +33,10 @@ UPSAMPLINGS = {"crop-then-resize", "pad-resize-crop-resize"}
 class PreprocessConfig:
     """The preprocessing a checkpoint was trained with.
 
-    ``interpolation``: ``"area"`` is OpenCV's INTER_AREA (LiteMedSAM), ``"nearest"`` OpenCV's
-    INTER_NEAREST (SAM-Med2D's ``SammedPredictor``), ``"pil-bilinear"`` is PIL's
+    ``interpolation``: ``"area"`` is OpenCV's INTER_AREA (LiteMedSAM), ``"nearest"``,
+    ``"bilinear"`` and ``"bicubic"`` OpenCV's INTER_NEAREST (SAM-Med2D's ``SammedPredictor``),
+    INTER_LINEAR and INTER_CUBIC (no antialiasing), ``"torch-bilinear-aa"`` torch's antialiased
+    bilinear on float values (not rounded back to uint8), ``"pil-bilinear"`` is PIL's
     antialiased bilinear on uint8 (segment-anything's ``ResizeLongestSide``), ``"skimage-cubic-aa"``
     is scikit-image's order-3 resize with anti-aliasing, rounded back to uint8 (MedSAM).
     ``channel_order``: ``"bgr"`` reverses the colour channels before anything else (SAM-Med2D reads
@@ -215,11 +217,16 @@ class Geometry:
 
 def _resize(rgb: np.ndarray, new_hw: tuple[int, int], interpolation: str) -> np.ndarray:
     new_h, new_w = new_hw
-    if interpolation in ("area", "nearest"):
+    if interpolation in ("area", "nearest", "bilinear", "bicubic"):
         import cv2
 
-        flag = cv2.INTER_AREA if interpolation == "area" else cv2.INTER_NEAREST
+        flag = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
+                "bicubic": cv2.INTER_CUBIC}[interpolation]
         return cv2.resize(rgb, (new_w, new_h), interpolation=flag)
+    if interpolation == "torch-bilinear-aa":
+        pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
+        resized = F.interpolate(pixels, (new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        return resized[0].permute(1, 2, 0).numpy()
     if interpolation == "skimage-cubic-aa":
         from skimage.transform import resize
 
