@@ -169,7 +169,16 @@ def test_cli_segment_batch(tiny_folder, tmp_path, monkeypatch, capsys) -> None:
     assert exit_info.value.code == 0
     assert "1 done, 1 error(s), 0 already done" in capsys.readouterr().out
     assert (tmp_path / "out" / "scan.png").is_file()
-    monkeypatch.setattr(sys, "argv", ["medfm", "segment-batch", "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["medfm", "segment-batch", "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "none.jsonl: cannot read the prompts file" in capsys.readouterr().err
+    # an --out that is the prompts file, or a folder holding it: one line, exit 2, the prompts untouched
+    before = prompts.read_bytes()
+    for out in (prompts, tmp_path):
+        monkeypatch.setattr(sys, "argv", ["medfm", "segment-batch", "--prompts", str(prompts), "--out", str(out)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert prompts.read_bytes() == before

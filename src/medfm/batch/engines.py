@@ -37,6 +37,7 @@ from medfm.batch.stages import (
     write_stage,
 )
 from medfm.errors import MissingDependencyError, OptionError
+from medfm.io.outputs import check_outputs
 from medfm.progress import progress_bar
 
 #: A registry name or model folder, or a function that returns a loaded `SegmentationModel`
@@ -79,6 +80,7 @@ def segment_batch(
         raise OptionError("workers must be >= 1, gpus per worker >= 0 and cpus per worker > 0")
     if engine == "ray":
         import_ray()  # say how to install it before any work
+    check_outputs({"--out": (out, "folder")}, {"--prompts": prompts})  # before any work, nothing created
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
