@@ -17,6 +17,7 @@ import hashlib
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -192,25 +193,36 @@ def _write_row(row: dict[str, bytes]) -> dict[str, bytes]:
     return _pack(write_stage(_unpack(row)))
 
 
-def import_ray() -> Any:
-    """``ray`` with Ray Data, or `MissingDependencyError` saying how to install it."""
+def import_ray(feature: str = "--engine ray") -> Any:
+    """``ray`` with Ray Data, or `MissingDependencyError` saying how to install it for ``feature``."""
     try:
         import ray
         import ray.data  # noqa: F401 - the part the engine needs
     except ImportError as error:
-        raise MissingDependencyError("ray[data]", "ray", "--engine ray") from error
+        raise MissingDependencyError("ray[data]", "ray", feature) from error
     return ray
 
 
-def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fingerprint: str, retry_errors: bool,
-             address: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Iterator[ImageWork]:
-    ray = import_ray()
-    if not groups:
-        return
+@contextmanager
+def ray_session(address: str | None = None, feature: str = "--engine ray") -> Iterator[Any]:
+    """``ray``, joined to ``address`` (``auto``, ``ray://HOST:PORT``) or to a local Ray started here
+    when none is running, and shut down on leaving if this call started it."""
+    ray = import_ray(feature)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(include_dashboard=False) if address is None else ray.init(address=address)
     try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fingerprint: str, retry_errors: bool,
+             address: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Iterator[ImageWork]:
+    if not groups:
+        return
+    with ray_session(address) as ray:
         light = 0.25  # reading, writing and decoding mostly wait on storage or run the small decoder
         # enough tasks to keep the encoders fed, without a process per image (each imports torch)
         io_pool = ray.data.TaskPoolStrategy(size=2 * workers)
@@ -224,6 +236,3 @@ def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fin
         dataset = dataset.map(_write_row, num_cpus=light, compute=io_pool)
         for row in dataset.iter_rows():
             yield _unpack(row)
-    finally:
-        if started_here:
-            ray.shutdown()
