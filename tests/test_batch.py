@@ -182,3 +182,11 @@ def test_cli_segment_batch(tiny_folder, tmp_path, monkeypatch, capsys) -> None:
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert prompts.read_bytes() == before
+
+
+def test_evaluate_on_ray_without_ray_says_how_to_install(tmp_path, monkeypatch) -> None:
+    from medfm.evaluate.runner import evaluate
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingDependencyError, match=r"medfm evaluate --engine ray .*pip install 'medfm\[ray\]'"):
+        evaluate([], tmp_path, engine="ray")  # said before any case is looked for or model loaded

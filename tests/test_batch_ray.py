@@ -101,3 +101,20 @@ def test_a_killed_worker_is_replaced_and_every_case_is_reported_once(tiny_folder
     rows = rows_of(tmp_path / "out")
     assert sorted(row["id"] for row in rows) == [str(n) for n in range(6)]
     assert all(Path(row["output"]).is_file() for row in rows)
+
+
+def test_evaluate_on_ray_gives_the_local_engines_rows_in_case_order(seg_data, tiny_folder) -> None:
+    from medfm.data.datasets import discover_cases
+    from medfm.evaluate.runner import evaluate
+
+    cases = [case for name in ("busi_breast_ultrasound", "brain_mri_t1_aseg_slices")
+             for case in discover_cases(seg_data, datasets=[name], limit_per_dataset=2 if name.startswith("busi") else 1)]
+    model = load(tiny_folder)
+    local = evaluate([model], cases, prompt=["box", "points:2"])
+    on_ray = evaluate([model], cases, prompt=["box", "points:2"], engine="ray", workers=2)
+    assert len({row.case for row in local.rows}) == 3 and len(local.rows) > 3
+    assert on_ray.cases == local.cases
+    assert [(r.dataset, r.case, r.label, r.prompt, r.note) for r in on_ray.rows] == \
+        [(r.dataset, r.case, r.label, r.prompt, r.note) for r in local.rows]
+    for ours, theirs in zip(on_ray.rows, local.rows):
+        assert abs(ours.dice - theirs.dice) <= 1e-6 and abs(ours.iou - theirs.iou) <= 1e-6

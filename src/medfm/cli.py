@@ -227,6 +227,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the prompt simulation.")] = 0,
     tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
     slice_step: Annotated[int, typer.Option(help="3D cases: segment every K-th slice and interpolate between (faster, may cost Dice).")] = 1,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (cases spread over Ray actors; pip install 'medfm[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray: actors, each loading the models once and evaluating its share of cases.")] = 1,
 ) -> None:
     """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
     from medfm.evaluate.report import comparison_table, write_outputs
@@ -238,7 +241,7 @@ def evaluate(
     modes = prompt or ["box"]
     evaluation = run_evaluation(list(models.values()), data, prompt=modes, uncertainty=uncertainty, seed=seed,
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,
-                                progress=True)
+                                progress=True, engine=engine, address=address, workers=workers)
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
     written = json.loads(paths["summary"].read_text())
     header, body = comparison_table(written["models"])

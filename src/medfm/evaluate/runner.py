@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfm.batch.engines import ENGINES, import_ray, ray_session
 from medfm.data.datasets import Case, discover_cases
+from medfm.errors import OptionError
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
 from medfm.intensity import window_for_target
@@ -79,36 +81,95 @@ def evaluate(
     tolerance_mm: float = 2.0,
     slice_step: int = 1,
     progress: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int = 1,
 ) -> Evaluation:
     """Evaluate each model on every case under ``data`` (a folder, or cases already chosen, such as a
     validation split) with simulated prompts of each ``prompt`` mode (one image embedding serves all
     modes and all targets of an image). ``slice_step``: 3D cases segment every k-th slice and
-    interpolate between (see `segment_volume`)."""
+    interpolate between (see `segment_volume`). ``engine="ray"`` spreads the cases over ``workers``
+    Ray actors (on the cluster at ``address``, or a local Ray) that load the models once each; the
+    rows come back in case order, as the local engine gives them."""
     check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
-    modes = [prompt] if isinstance(prompt, str) else list(prompt)
+    if engine not in ENGINES:
+        raise OptionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if workers < 1:
+        raise OptionError(f"workers must be >= 1, not {workers}")
+    if engine == "ray":
+        import_ray("medfm evaluate --engine ray")  # say how to install it before any work
+    settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step)
     if isinstance(data, (str, Path)):
         cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
     else:
         cases = [c for c in data if datasets is None or c.dataset in datasets]
     loaded = [m if isinstance(m, SegmentationModel) else load(m) for m in models]
-    owners = encoder_owners(loaded)
     evaluation = Evaluation(cases={(c.dataset, c.case_id): c for c in cases}, tolerance_mm=tolerance_mm)
     started = time.perf_counter()
-    with progress_bar(progress, len(cases), "evaluating cases") as advance:
-        for case in cases:
-            image = read_image(case.image_path, modality=case.modality if case.modality in {"CT", "MR"} else None)
-            reference = read_image(case.mask_path).array
-            encoded: dict[int, _Encoded | None] = {}
-            for index, model in enumerate(loaded):
-                if case.is_volume:
-                    evaluation.rows += _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step)
-                else:
-                    rows, encoded[index] = _evaluate_image(model, case, image, reference, modes, uncertainty, seed,
-                                                           tolerance_mm, encoded.get(owners[index]))
-                    evaluation.rows += rows
-            advance()
+    if engine == "local":
+        owners = encoder_owners(loaded)
+        with progress_bar(progress, len(cases), "evaluating cases") as advance:
+            for case in cases:
+                evaluation.rows += evaluate_case(loaded, owners, case, settings)
+                advance()
+    else:
+        evaluation.rows = _evaluate_on_ray(loaded, cases, settings, address, workers)
     evaluation.seconds = time.perf_counter() - started
     return evaluation
+
+
+@dataclass(frozen=True)
+class CaseSettings:
+    """How every case of an evaluation is prompted and scored (the same on every engine)."""
+
+    modes: list[str]
+    uncertainty: bool
+    seed: int
+    tolerance_mm: float
+    slice_step: int
+
+
+def evaluate_case(models: Sequence[SegmentationModel], owners: Sequence[int], case: Case, settings: CaseSettings) -> list[CaseResult]:
+    """Every model's rows for one case; ``owners`` from `encoder_owners` (an image is encoded once
+    for the models that share an encoder)."""
+    image = read_image(case.image_path, modality=case.modality if case.modality in {"CT", "MR"} else None)
+    reference = read_image(case.mask_path).array
+    rows: list[CaseResult] = []
+    encoded: dict[int, _Encoded | None] = {}
+    for index, model in enumerate(models):
+        if case.is_volume:
+            rows += _evaluate_volume(model, case, image, reference, settings.modes, settings.tolerance_mm, settings.slice_step)
+        else:
+            model_rows, encoded[index] = _evaluate_image(model, case, image, reference, settings.modes, settings.uncertainty,
+                                                         settings.seed, settings.tolerance_mm, encoded.get(owners[index]))
+            rows += model_rows
+    return rows
+
+
+class _CaseEvaluator:
+    """A Ray actor holding the models (loaded once) that evaluates the cases it is handed."""
+
+    def __init__(self, models: list[SegmentationModel], settings: CaseSettings) -> None:
+        self.models, self.owners, self.settings = models, encoder_owners(models), settings
+
+    def evaluate(self, cases: list[Case]) -> list[CaseResult]:
+        return [row for case in cases for row in evaluate_case(self.models, self.owners, case, self.settings)]
+
+
+def _evaluate_on_ray(models: list[SegmentationModel], cases: list[Case], settings: CaseSettings, address: str | None,
+                     workers: int) -> list[CaseResult]:
+    """The rows of every case from ``workers`` actors, each given a run of consecutive cases, in case order."""
+    if not cases:
+        return []
+    with ray_session(address, "medfm evaluate --engine ray") as ray:
+        from ray.util import ActorPool
+
+        shared = ray.put(models)
+        actors = [ray.remote(num_cpus=1)(_CaseEvaluator).remote(shared, settings) for _ in range(min(workers, len(cases)))]
+        chunk = max(1, math.ceil(len(cases) / (4 * len(actors))))  # a few chunks per actor: the faster ones take more
+        chunks = [cases[start:start + chunk] for start in range(0, len(cases), chunk)]
+        pool = ActorPool(actors)
+        return [row for rows in pool.map(lambda actor, part: actor.evaluate.remote(part), chunks) for row in rows]
 
 
 def _row(model: SegmentationModel, case: Case, label: int, prompt: str, metrics: dict, seconds: float, **extra) -> CaseResult:
