@@ -233,8 +233,11 @@ def evaluate(
 ) -> None:
     """Dice, IoU, NSD and HD95 of one or more models on a dataset, with a report."""
     from medfm.evaluate.report import comparison_table, write_outputs
-    from medfm.evaluate.runner import evaluate as run_evaluation
+    from medfm.batch.engines import check_engine
+    from medfm.evaluate.runner import EVALUATE_ON_RAY, evaluate as run_evaluation
+
     check_outputs({"--out": (out, "folder")}, {"--data": data, **{f"--model {m}": m for m in model or []}})
+    check_engine(engine, workers, EVALUATE_ON_RAY)  # before any model loads
     from medfm.segment.model import DEFAULT_MODEL, load
 
     models = {m.name: m for m in (load(name) for name in (model or [DEFAULT_MODEL]))}

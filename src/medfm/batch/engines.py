@@ -75,12 +75,9 @@ def segment_batch(
     ``out``, with one row a case in ``out/results.jsonl``; resumable (a rerun skips the cases whose
     input, prompt and model are unchanged and whose mask is there; ``retry_errors`` redoes failed
     ones). ``address``: ``auto`` or ``ray://HOST:PORT`` to join a cluster (default: a local Ray)."""
-    if engine not in ENGINES:
-        raise OptionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if workers < 1 or gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise OptionError("workers must be >= 1, gpus per worker >= 0 and cpus per worker > 0")
-    if engine == "ray":
-        import_ray()  # say how to install it before any work
+    check_engine(engine, workers, "medfm segment-batch --engine ray")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise OptionError("gpus per worker must be >= 0 and cpus per worker > 0")
     check_outputs({"--out": (out, "folder")}, {"--prompts": prompts})  # before any work, nothing created
     started = time.perf_counter()
     out = Path(out)
@@ -191,6 +188,17 @@ def _read_row(row: dict[str, bytes], previous: Mapping, fingerprint: str, retry_
 
 def _write_row(row: dict[str, bytes]) -> dict[str, bytes]:
     return _pack(write_stage(_unpack(row)))
+
+
+def check_engine(engine: str, workers: int, feature: str) -> None:
+    """`OptionError` for an unknown engine or fewer than one worker; for ``ray``, how to install it
+    when it is missing. Called before any work (the CLI calls it before loading a model)."""
+    if engine not in ENGINES:
+        raise OptionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if workers < 1:
+        raise OptionError(f"workers must be >= 1, not {workers}")
+    if engine == "ray":
+        import_ray(feature)
 
 
 def import_ray(feature: str = "--engine ray") -> Any:

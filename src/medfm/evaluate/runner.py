@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfm.batch.engines import ENGINES, import_ray, ray_session
+from medfm.batch.engines import check_engine, ray_session
 from medfm.data.datasets import Case, discover_cases
-from medfm.errors import OptionError
 from medfm.evaluate.metrics import segmentation_metrics
 from medfm.evaluate.simulate import simulate_prompts
 from medfm.intensity import window_for_target
@@ -34,6 +33,7 @@ from medfm.segment.uncertainty import error_detection_auc, predict_with_uncertai
 from medfm.segment.volume import VolumePrompt, check_slice_step, segment_volume
 
 METRICS = ("dice", "iou", "nsd", "hd95")
+EVALUATE_ON_RAY = "medfm evaluate --engine ray"
 
 
 @dataclass
@@ -92,12 +92,7 @@ def evaluate(
     Ray actors (on the cluster at ``address``, or a local Ray) that load the models once each; the
     rows come back in case order, as the local engine gives them."""
     check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
-    if engine not in ENGINES:
-        raise OptionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if workers < 1:
-        raise OptionError(f"workers must be >= 1, not {workers}")
-    if engine == "ray":
-        import_ray("medfm evaluate --engine ray")  # say how to install it before any work
+    check_engine(engine, workers, EVALUATE_ON_RAY)  # before any work
     settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step)
     if isinstance(data, (str, Path)):
         cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
