@@ -248,6 +248,23 @@ def test_other_hosts_need_a_token_and_cross_origin_calls_are_refused(client) -> 
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
 
 
+def test_an_unknown_ask_model_stops_the_server_before_it_listens(monkeypatch, tiny_llava) -> None:
+    import uvicorn
+
+    from medfm.errors import MedfmError
+    from medfm.serve import serve
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(True))
+    for name, problem in (("no-such-model", "unknown vision-language model 'no-such-model'"),
+                          ("xraygpt", "needs a folder of its published downloads")):
+        with pytest.raises(MedfmError, match=problem):
+            serve(ServeSettings(ask_model=name))
+    assert not started
+    serve(ServeSettings(ask_model=str(tiny_llava)))  # a LLaVA folder is accepted (and the model not loaded yet)
+    assert started == [True]
+
+
 def test_idle_uploads_are_deleted(client) -> None:
     image_id = upload(client, PNG)["id"]
     store = client.app.state.store

@@ -68,6 +68,9 @@ def serve(settings: ServeSettings) -> None:
         from medfm.serve.app import create_app
     except ImportError as error:
         raise MissingDependencyError(error.name or "fastapi", "serve", "medfm serve") from error
+    from medfm.vlm.api import check_name
+
+    check_name(settings.ask_model)  # a wrong --ask-model is the operator's mistake: say so now, not at the first question
     app = create_app(settings)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"medfm serve: open http://{address}:{settings.port}/" + ("#token=<your token>" if settings.token else ""), flush=True)

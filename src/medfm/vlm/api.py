@@ -39,7 +39,7 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
     folder whose tower is not inside it."""
     from medfm.hub import hub_snapshot
-    from medfm.vlm.formats import is_llava_folder, load_llava_folder
+    from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)
     if name == DEFAULT_MODEL:
@@ -51,10 +51,23 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     if name in PUBLISHED:
         folder = Path(weights) if weights is not None else hub_snapshot(PUBLISHED[name], ("*.json", "*.safetensors", "*.model"))
         return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
-    if Path(name).is_dir() and is_llava_folder(Path(name)):
-        return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
-    raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED_NAMES)}, "
-                     "or a LLaVA / transformers llava folder")
+    check_name(name, weights is not None)
+    return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
+
+
+def check_name(name: str, has_weights: bool = False) -> None:
+    """`MedfmError` unless `load` can find ``name``: a name it knows (``xraygpt`` and
+    ``med-flamingo`` only with a weights folder) or a LLaVA / transformers llava folder. Cheap: a
+    server checks its ``--ask-model`` with it before it starts."""
+    from medfm.vlm.formats import is_llava_folder
+
+    if name == DEFAULT_MODEL or name in PUBLISHED or (name in PUBLISHED_NAMES and has_weights):
+        return
+    if name in PUBLISHED_NAMES:
+        raise MedfmError(f"'{name}' needs a folder of its published downloads (weights=, --weights)")
+    if not (Path(name).is_dir() and is_llava_folder(Path(name))):
+        raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED_NAMES)}, "
+                         "or a LLaVA / transformers llava folder")
 
 
 def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
