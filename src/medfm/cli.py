@@ -482,12 +482,6 @@ def serve(
                              ask_model=ask_model, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
 
 
-@app.command()
-def version() -> None:
-    """Print medfm's version (as ``medfm --version``)."""
-    print(f"medfm {medfm.__version__}")
-
-
 #: Options that take several numbers, as in ``--box 120 80 210 190`` (click needs one token each).
 NUMERIC_OPTIONS = {"--box", "--box3d", "--point", "--negative-point"}
 
