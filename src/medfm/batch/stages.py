@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from medfm.batch.cases import Case
-from medfm.errors import InputFileError, MedfmError, PromptError
+from medfm.errors import MedfmError, PromptError
 from medfm.io import MedicalImage, read_image, write_mask
-from medfm.segment.run import label_map_on_grid, predict_prompts
+from medfm.segment.run import label_map_on_grid, predict_prompts, read_label_map
 from medfm.segment.volume import VolumePrompt, prompts_from_labels, segment_volume
 
 #: Exceptions that make one case an error row (anything else is a bug and stops the batch).
@@ -147,10 +147,7 @@ def _check_case(item: CaseWork, image: MedicalImage) -> None:
             raise PromptError(f"{where}: 3D boxes need a volume; this image is 2D")
         prompts = [VolumePrompt(box, label) for label, box in enumerate(case.box3d, start=1)]
         if case.boxes_from is not None:
-            labels = read_image(case.boxes_from).array
-            if labels.shape != image.spatial_shape:
-                raise InputFileError(case.boxes_from, f"label map shape {labels.shape} differs from the image's {image.spatial_shape}")
-            prompts += prompts_from_labels(labels)
+            prompts += prompts_from_labels(read_label_map(case.boxes_from, image))
         for prompt in prompts:
             try:
                 prompt.box.check_inside(image.spatial_shape)
