@@ -270,12 +270,15 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per step and process.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; linear warm-up, cosine decay).")] = 1e-4,
+    encoder_lr: Annotated[Optional[float], typer.Option(help="The image encoder's peak learning rate (default: --lr).")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
     warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
-    prompt: Annotated[Optional[str], typer.Option(help="box or clicks (iterative); autoprompt takes none.")] = None,
-    click_iterations: Annotated[int, typer.Option(help="Correction clicks after the first (--prompt clicks).")] = 3,
+    prompt: Annotated[Optional[str], typer.Option(help="box, clicks (iterative) or mixed (box, clicks, both, corrections); autoprompt takes none.")] = None,
+    click_iterations: Annotated[int, typer.Option(help="Correction clicks after the first (--prompt clicks; at most, mixed).")] = 3,
     box_jitter: Annotated[int, typer.Option(help="Box jitter in model-input pixels.")] = 5,
     augment: Annotated[bool, typer.Option(help="Flips, rotation, scaling and intensity jitter (not with cached embeddings).")] = True,
+    robust_input: Annotated[bool, typer.Option(help="Also a random resize kernel, slight blur and gamma (recipes that train the image encoder).")] = False,
+    train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too (e.g. to teach a box-only model clicks).")] = False,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank (lora).")] = 4,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (lora; default: the rank).")] = None,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated Linear names in the image encoder (lora).")] = "qkv",
@@ -293,14 +296,15 @@ def train(
     from medfm.train import Recipe, TrainConfig, train as run_training
 
     recipe_spec = Recipe(recipe, lora_rank=lora_rank, lora_alpha=lora_alpha, adapter_ratio=adapter_ratio,
-                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), prompt_tokens=prompt_tokens)
+                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), prompt_tokens=prompt_tokens,
+                         prompt_encoder=train_prompt_encoder)
     config = TrainConfig(
         base=base, data=data, out=out, recipe=recipe_spec, val=val, validation_fraction=val_fraction,
         min_validation_cases=min_val_cases, datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit,
         slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
         batch_size=batch_size, grad_accum=grad_accum,
-        lr=lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
-        box_jitter=box_jitter, augment=augment, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
+        lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
+        box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
         workers=workers, resume=resume, progress=True,
     )
     result = run_training(config, log=_say)

@@ -158,3 +158,25 @@ def jitter_box(box: Box, rng: np.random.Generator, outwards: float, inwards: flo
     moved[2:] = np.maximum(moved[2:], np.ceil(centre))
     x0, y0, x1, y1 = np.clip(moved, 0, [width - 1, height - 1, width - 1, height - 1])
     return Box(float(x0), float(y0), float(x1), float(y1))
+
+
+def correction_click(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
+    """The next click of an annotator correcting ``predicted`` against ``truth`` (2D boolean
+    masks): the centre-most pixel (distance-transform maximum) of the largest 8-connected error
+    region, positive (1) where the target was missed, negative (0) where the mask overshoots.
+    -> (row, col, label), or None when the mask is already exact. Interactive evaluation
+    (``iterative:K``) and mixed-prompt training place their clicks with it."""
+    from scipy import ndimage
+
+    predicted, truth = np.asarray(predicted, dtype=bool), np.asarray(truth, dtype=bool)
+    wrong = predicted != truth
+    if not wrong.any():
+        return None
+    regions, count = ndimage.label(wrong, structure=np.ones((3, 3), dtype=bool))
+    largest = 1 + int(np.argmax(np.bincount(regions.ravel(), minlength=count + 1)[1:]))
+    window = ndimage.find_objects(regions)[largest - 1]
+    region = regions[window] == largest
+    distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    row, col = row + window[0].start, col + window[1].start
+    return int(row), int(col), int(truth[row, col])

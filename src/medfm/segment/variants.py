@@ -19,6 +19,9 @@
                 labels merged) and ignores prompts given to it.
 ==============  ===================================================================================
 
+Every recipe but ``autoprompt`` may also train the prompt encoder (``prompt_encoder``): LiteMedSAM
+learnt from boxes only, so its click embeddings need training before clicks mean anything to it.
+
 Only the tensors a recipe trains are saved for the partial recipes (`delta_keys`), and `apply_recipe`
 rebuilds the same structure on the base when such a folder is loaded (`rebuild_from_delta`). This
 module lives in the segmentation family so that loading a fine-tuned folder needs nothing of
@@ -53,6 +56,7 @@ class Recipe:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     adapter_ratio: float = 0.25
     prompt_tokens: int = 4  #: autoprompt: sparse prompt tokens generated per image
+    prompt_encoder: bool = False  #: train the prompt encoder too (clicks: LiteMedSAM's point embeddings never trained)
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -74,6 +78,8 @@ class Recipe:
         keys = {"lora": ("lora_rank", "lora_alpha", "lora_targets"), "adapter": ("adapter_ratio",),
                 "autoprompt": ("prompt_tokens",)}.get(self.name, ())
         values = {"name": self.name} | {key: getattr(self, key) for key in keys}
+        if self.prompt_encoder:  # only when set, so the recipes of earlier runs and folders read as before
+            values["prompt_encoder"] = True
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     @classmethod
@@ -179,7 +185,7 @@ def delta_keys(network: SamCore, recipe: Recipe) -> set[str]:
     def trains(key: str) -> bool:
         if recipe.name == "autoprompt":
             return key.startswith("prompt_generator.")
-        if key.startswith("mask_decoder."):
+        if key.startswith("mask_decoder.") or (recipe.prompt_encoder and key.startswith("prompt_encoder.")):
             return True
         return {
             "full": key.startswith("image_encoder."),

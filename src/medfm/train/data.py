@@ -12,6 +12,14 @@ to half of that, and one click on the target.
 Randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: a sample is the same
 whatever the worker, process or resume point that makes it.
 
+With ``robust`` options (training without a cache) each sample also gets, on its full-resolution
+image, a slight Gaussian blur and a gamma change now and then, and is resized to the model input
+with a kernel drawn from `ROBUST_KERNELS` (the ones users' pipelines apply) instead of the
+checkpoint's own, so that the trained model stops depending on the resize filter. Samples carry up
+to `MAX_CLICKS` simulated clicks for mixed-prompt training: the first positive, on the target's
+centre-most pixel or a random target pixel, the others positive on the target or negative next to
+it, at random.
+
 With an `EmbeddingCache` (recipes with a frozen image encoder) images are encoded once, without
 augmentation; the samples then carry the cached embedding instead of pixels, and only the prompts
 change from epoch to epoch.
@@ -19,6 +27,7 @@ change from epoch to epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -38,6 +47,15 @@ from medfm.io import read_image
 from medfm.preprocess import PreprocessConfig, prepare, resized_shape, to_uint8_rgb
 
 
+#: resize kernels of `medfm.preprocess` that robust training draws from, one per sample: OpenCV's
+#: INTER_AREA (LiteMedSAM), bilinear and bicubic without antialiasing, torch's antialiased bilinear
+ROBUST_KERNELS = ("area", "bilinear", "bicubic", "torch-bilinear-aa")
+#: clicks a sample carries for mixed-prompt training
+MAX_CLICKS = 5
+#: negative clicks fall in the target's box grown by this share of its size on each side
+NEGATIVE_MARGIN = 0.1
+
+
 @dataclass(frozen=True)
 class SampleRef:
     """One training sample: a case and, for a volume, the slice (along Z)."""
@@ -54,6 +72,7 @@ class SampleOptions:
     augment: bool = True  #: image-space augmentation (training without an embedding cache only)
     box_jitter: int = 5  #: model-input pixels
     foreground: bool = False  #: merge all labels into one target (prompt-free recipes)
+    robust: bool = False  #: with ``augment``: random resize kernel, slight blur and gamma (see the module docstring)
 
 
 def _read_pair(case: Case) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +119,18 @@ def augment(rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tu
     return rgb, moved.astype(np.int32)
 
 
+def degrade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What scanners, exports and viewers do to an image: a slight Gaussian blur (a third of the
+    samples, sigma 0.3-1.2 input pixels) and a gamma change (half of them, 0.7-1.4), on the
+    full-resolution uint8 image."""
+    if rng.random() < 0.33:
+        rgb = cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), rng.uniform(0.3, 1.2))
+    if rng.random() < 0.5:
+        table = np.round(255.0 * (np.arange(256) / 255.0) ** rng.uniform(0.7, 1.4)).astype(np.uint8)
+        rgb = cv2.LUT(np.ascontiguousarray(rgb), table)
+    return rgb
+
+
 def low_res_target(target: np.ndarray, preprocess: PreprocessConfig, low: int) -> np.ndarray:
     """A binary (H, W) mask on the input grid -> float32 (low, low) in the model-input frame (padding 0)."""
     new_h, new_w = resized_shape(target.shape, preprocess)
@@ -136,6 +167,33 @@ def click(target_low: np.ndarray, image_size: int, rng: np.random.Generator | No
         row, col = rows[pick], cols[pick]
     scale = image_size / target_low.shape[0]
     return np.array([(col + 0.5) * scale, (row + 0.5) * scale], dtype=np.float32)
+
+
+def clicks(target_low: np.ndarray, image_size: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """`MAX_CLICKS` clicks in model-input pixels -> (coords (K, 2) as x, y; labels (K,), 1 positive,
+    0 negative). The first is positive: `click` (centre-most for half the training samples and for
+    validation). Each other is, at even odds, a random target pixel or a random non-target pixel of
+    the target's box grown by `NEGATIVE_MARGIN` (a positive when that box holds none); validation
+    samples take positives only."""
+    first = click(target_low, image_size, rng if rng is not None and rng.random() < 0.5 else None)
+    coords, labels = [first], [1]
+    rows, cols = np.nonzero(target_low)
+    side = target_low.shape[0]
+    margin = (NEGATIVE_MARGIN * (rows.max() - rows.min() + 1), NEGATIVE_MARGIN * (cols.max() - cols.min() + 1))
+    r0, c0 = max(0, int(rows.min() - margin[0])), max(0, int(cols.min() - margin[1]))
+    r1, c1 = min(side, int(np.ceil(rows.max() + 1 + margin[0]))), min(side, int(np.ceil(cols.max() + 1 + margin[1])))
+    outside = np.argwhere(target_low[r0:r1, c0:c1] == 0) + (r0, c0)
+    scale = image_size / side
+    draw = rng or np.random.default_rng(0)
+    for _ in range(MAX_CLICKS - 1):
+        if rng is not None and len(outside) and draw.random() < 0.5:
+            (row, col), label = outside[draw.integers(len(outside))], 0
+        else:
+            pick = draw.integers(len(rows))
+            (row, col), label = (rows[pick], cols[pick]), 1
+        coords.append(np.array([(col + 0.5) * scale, (row + 0.5) * scale], dtype=np.float32))
+        labels.append(label)
+    return np.stack(coords).astype(np.float32), np.array(labels, dtype=np.int64)
 
 
 class EmbeddingCache:
@@ -197,7 +255,8 @@ def _slice(ref: SampleRef, pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndar
 
 class SegmentationSamples(Dataset):
     """Samples for one epoch (`set_epoch`): dicts of ``pixels`` (3, S, S) or ``embedding``
-    (C, E, E), ``target`` (1, L, L), ``box`` (4,) and ``point`` (2,)."""
+    (C, E, E), ``target`` (1, L, L), ``box`` (4,), ``point`` (2,), ``clicks`` (K, 2) and
+    ``click_labels`` (K,)."""
 
     def __init__(self, refs: Sequence[SampleRef], preprocess: PreprocessConfig, low_res: int,
                  options: SampleOptions, seed: int = 0, cache: EmbeddingCache | None = None) -> None:
@@ -233,11 +292,15 @@ class SegmentationSamples(Dataset):
             sample["embedding"], labels = self.cache.read(ref)
         else:
             rgb, labels = self._pair(ref)
+            preprocess = self.preprocess
             if train and self.options.augment:
                 moved_rgb, moved = augment(rgb, labels, rng)
                 if moved.any():  # an augmentation that moves the foreground out of view is dropped
                     rgb, labels = moved_rgb, moved
-            sample["pixels"] = prepare(rgb, self.preprocess)[0][0]
+                if self.options.robust:
+                    rgb = degrade(rgb, rng)
+                    preprocess = dataclasses.replace(preprocess, interpolation=ROBUST_KERNELS[rng.integers(len(ROBUST_KERNELS))])
+            sample["pixels"] = prepare(rgb, preprocess)[0][0]
         sample |= self._target_and_prompts(labels, rng, train)
         return sample
 
@@ -251,8 +314,11 @@ class SegmentationSamples(Dataset):
             to_low = [n / o * self.low_res / self.preprocess.image_size for n, o in zip(new_hw, target.shape)]
             low[min(int(rows.mean() * to_low[0]), self.low_res - 1), min(int(cols.mean() * to_low[1]), self.low_res - 1)] = 1
         size = self.preprocess.image_size
+        coords, labels = clicks(low, size, rng if train else None)
         return {
             "target": torch.from_numpy(low)[None],
             "box": torch.from_numpy(jittered_box(low, size, self.options.box_jitter, rng if train else None)),
             "point": torch.from_numpy(click(low, size, rng if train else None)),
+            "clicks": torch.from_numpy(coords),
+            "click_labels": torch.from_numpy(labels),
         }

@@ -6,8 +6,14 @@
 - loss: Dice + BCE on the low-res logits (4E x 4E, the model-input frame) + ``iou_weight`` x the MSE
   of the IoU head against the IoU the mask actually reached. Prompts: a jittered box, iterative
   clicks (a first click on the target, then ``click_iterations`` corrections on the error region,
-  each pass fed the previous logits as mask prompt, losses averaged), or none (autoprompt).
-- every epoch: validation Dice (tight boxes, centre clicks), ``RUN_DIR/last`` and, when the Dice
+  each pass fed the previous logits as mask prompt, losses averaged), none (autoprompt), or mixed
+  (SAM-Med2D style, one kind per batch, drawn from (seed, epoch, batch)): a box; 1-5 clicks, positive
+  and negative; a box plus 1-5 clicks; or iterative correction: a box or one click, then 1 to
+  ``click_iterations`` clicks each on the largest error region (`medfm.prompts.correction_click`)
+  with the previous logits as mask prompt. ``robust_input`` adds the resize kernel, blur and gamma
+  to the augmentation (`medfm.train.data`), for recipes whose image encoder trains.
+- every epoch: validation Dice (tight boxes, centre clicks; mixed: the mean of box, one click and
+  a box with ``click_iterations`` corrections), ``RUN_DIR/last`` and, when the Dice
   improved, ``RUN_DIR/best`` (medfm model folders), then ``RUN_DIR/state.pt``: trained tensors,
   optimizer, scheduler, torch RNG, epoch and history, written atomically. ``resume=True``
   continues after the last finished epoch; data order and augmentation depend only on (seed,
@@ -45,7 +51,9 @@ from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
 from medfm.segment.model import PRETRAINED, SegmentationModel, load
 from medfm.segment.sam import SamCore
+from medfm.prompts import correction_click as next_correction
 from medfm.train.data import (
+    MAX_CLICKS,
     EmbeddingCache,
     SampleOptions,
     SegmentationSamples,
@@ -54,7 +62,9 @@ from medfm.train.data import (
 from medfm.segment.variants import Recipe, apply_recipe, delta_keys
 from medfm.train.recipes import freeze_frozen_norms, trainable_parameters
 
-PROMPTS = ("box", "clicks", "none")
+PROMPTS = ("box", "clicks", "none", "mixed")
+#: mixed prompting: the kinds of batch and how often each is drawn
+MIXED_KINDS = {"box": 0.3, "clicks": 0.25, "box+clicks": 0.15, "iterative": 0.3}
 STATE_NAME = "state.pt"
 
 
@@ -78,13 +88,15 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
+    encoder_lr: float | None = None  #: the image encoder's peak learning rate (default: ``lr``)
     weight_decay: float = 0.01
     warmup: float = 0.05
     iou_weight: float = 1.0
-    prompt: str | None = None  #: box, clicks or none; default: none for autoprompt, else box
-    click_iterations: int = 3
+    prompt: str | None = None  #: box, clicks, mixed or none; default: none for autoprompt, else box
+    click_iterations: int = 3  #: corrections after the first prompt (clicks: always; mixed: at most)
     box_jitter: int = 5
     augment: bool = True
+    robust_input: bool = False  #: random resize kernel, blur and gamma (needs a trainable image encoder)
     cache_embeddings: Path | None = None  #: default RUN_DIR/embedding-cache (frozen-encoder recipes)
     seed: int = 0
     device: str = "auto"
@@ -98,7 +110,10 @@ class TrainConfig:
         if mode not in PROMPTS:
             raise MedfmError(f"unknown prompt mode '{mode}'; choose one of {', '.join(PROMPTS)}")
         if (mode == "none") != (self.recipe.name == "autoprompt"):
-            raise MedfmError("the autoprompt recipe trains without prompts, every other recipe with box or clicks")
+            raise MedfmError("the autoprompt recipe trains without prompts, every other recipe with box, clicks or mixed")
+        if self.robust_input and self.recipe.frozen_encoder:
+            raise MedfmError(f"robust input augmentation changes the image encoder's input, but the {self.recipe.name} "
+                             "recipe freezes it (and caches its embeddings): use full, lora or adapter")
         return mode
 
 
@@ -179,10 +194,14 @@ def read_run_state(path: Path) -> dict:
     return state
 
 
-def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+def _schedule(total: int, warmup: float, budget_share: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
+    """The learning-rate factor at an optimizer step: linear warm-up, then a cosine to 0 at ``total``.
+    ``budget_share`` (the share of a time budget spent) moves the run on when it is further along than
+    its steps, so a run its budget stops still warms up and decays over that budget."""
     warm = max(1, round(warmup * total))
 
     def factor(step: int) -> float:
+        step = max(step, math.floor(budget_share() * total))
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
@@ -225,12 +244,71 @@ def correction_click(logits: Tensor, target: Tensor, image_size: int, generator:
     return points, labels
 
 
+def largest_error_clicks(logits: Tensor, target: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
+    """A click per row on the centre of its largest error region (`medfm.prompts.correction_click`),
+    in model-input pixels; a row already exact gets a padding point (label -1, ignored).
+    -> points (B, 1, 2), labels (B, 1)."""
+    predicted, truth = (logits[:, 0] > 0).cpu().numpy(), (target[:, 0] > 0.5).cpu().numpy()
+    scale = image_size / logits.shape[-1]
+    points, labels = [], []
+    for mask, reference in zip(predicted, truth):
+        found = next_correction(mask, reference)
+        row, col, label = found if found is not None else (0, 0, -1)
+        points.append([(col + 0.5) * scale, (row + 0.5) * scale])
+        labels.append(label)
+    return (torch.tensor(points, dtype=torch.float32, device=logits.device)[:, None],
+            torch.tensor(labels, dtype=torch.long, device=logits.device)[:, None])
+
+
+def mixed_passes(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor], kind: str, clicks: int,
+                 corrections: int, start_with_box: bool = True) -> list[tuple[Tensor, Tensor]]:
+    """(logits, iou) of each decoder pass of one mixed-prompt ``kind`` (see `MIXED_KINDS`): ``clicks``
+    of the batch's simulated clicks (clicks, box+clicks), or for iterative a box (or the first click)
+    then ``corrections`` passes, each with one more click on the largest error and the previous
+    logits as mask prompt."""
+    device = embeddings.device
+    box = batch["box"].to(device)
+    coords, labels = batch["clicks"].to(device)[:, :clicks], batch["click_labels"].to(device)[:, :clicks]
+    if kind == "box":
+        return [network.decode(embeddings, boxes=box)]
+    if kind == "clicks":
+        return [network.decode(embeddings, points=coords, point_labels=labels)]
+    if kind == "box+clicks":
+        return [network.decode(embeddings, boxes=box, points=coords, point_labels=labels)]
+    target = batch["target"].to(device)
+    boxes = box if start_with_box else None
+    points, point_labels = (None, None) if start_with_box else (coords[:, :1], labels[:, :1])
+    outputs, mask_input = [], None
+    for round_ in range(corrections + 1):
+        outputs.append(network.decode(embeddings, boxes=boxes, points=points, point_labels=point_labels, mask_input=mask_input))
+        if round_ < corrections:
+            logits = outputs[-1][0].detach().float()
+            new_points, new_labels = largest_error_clicks(logits, target, network.config.image_size)
+            points = new_points if points is None else torch.cat([points, new_points], 1)
+            point_labels = new_labels if point_labels is None else torch.cat([point_labels, new_labels], 1)
+            mask_input = logits
+    return outputs
+
+
+def draw_mixed(generator: torch.Generator, max_corrections: int) -> tuple[str, int, int, bool]:
+    """One batch's mixed prompt: (kind, clicks 1..`MAX_CLICKS`, corrections 1..``max_corrections``,
+    whether iterative starts with a box)."""
+    weights = torch.tensor(list(MIXED_KINDS.values()))
+    kind = list(MIXED_KINDS)[int(torch.multinomial(weights, 1, generator=generator))]
+    clicks = 1 + int(torch.randint(MAX_CLICKS, (1,), generator=generator))
+    corrections = 1 + int(torch.randint(max(1, max_corrections), (1,), generator=generator))
+    return kind, clicks, corrections, bool(torch.randint(2, (1,), generator=generator))
+
+
 def predict(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor], mode: str, iterations: int,
             generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
     """(logits, iou) of each decoder pass for a batch (one prompt per image)."""
     device = embeddings.device
     if mode == "none":
         return [network.decode(embeddings)]
+    if mode == "mixed":
+        kind, clicks, corrections, start_with_box = draw_mixed(generator or torch.Generator(), iterations)
+        return mixed_passes(network, embeddings, batch, kind, clicks, corrections, start_with_box)
     if mode == "box":
         return [network.decode(embeddings, boxes=batch["box"].to(device))]
     target = batch["target"].to(device)
@@ -302,7 +380,7 @@ class Trainer:
         low = 4 * self.network.config.embedding_size
         foreground = self.mode == "none"
         train = SegmentationSamples(train_refs, preprocess, low, SampleOptions(True, config.augment, config.box_jitter,
-                                    foreground), config.seed, cache)
+                                    foreground, config.robust_input), config.seed, cache)
         val = SegmentationSamples(val_refs, preprocess, low, SampleOptions(False, False, 0, foreground), config.seed,
                                   cache) if val_refs else None
         return train, val
@@ -334,10 +412,13 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def _loss(self, batch: dict[str, Tensor], epoch: int, index: int) -> Tensor:
         target = batch["target"].to(self.run.device)
+        # the batch's random prompt choices depend only on (seed, epoch, batch, rank): resumable
+        generator = torch.Generator().manual_seed(hash((self.config.seed, epoch, index, self.run.rank)) % 2**63)
         with self._autocast():
-            outputs = predict(self.network, self._embeddings(batch), batch, self.mode, self.config.click_iterations)
+            outputs = predict(self.network, self._embeddings(batch), batch, self.mode, self.config.click_iterations,
+                              generator)
         losses = []
         for logits, iou in outputs:
             logits = logits.float()
@@ -346,6 +427,15 @@ class Trainer:
                 loss = loss + self.config.iou_weight * F.mse_loss(iou.float()[:, 0], _hard_iou(logits.detach(), target))
             losses.append(loss)
         return torch.stack(losses).mean()
+
+    def _parameter_groups(self) -> list[dict]:
+        """The trainable parameters, the image encoder's at ``encoder_lr`` when one is given."""
+        if self.config.encoder_lr is None:
+            return [{"params": self.params}]
+        encoder = {id(p) for p in self.network.image_encoder.parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in encoder]},
+                  {"params": [p for p in self.params if id(p) in encoder], "lr": self.config.encoder_lr}]
+        return [group for group in groups if group["params"]]
 
     def _average_gradients(self) -> None:
         if self.run.world == 1:
@@ -372,16 +462,21 @@ class Trainer:
             items = [self.val_set[i] for i in indices[start : start + self.config.batch_size]]
             batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
             with self._autocast():
-                logits, _ = predict(self.network, self._embeddings(batch), batch, self.mode,
-                                    self.config.click_iterations, generator)[-1]
-            total += _dice_sum(logits, batch["target"])
+                embeddings = self._embeddings(batch)
+                if self.mode == "mixed":  # box, one centre click, a box and its corrections
+                    passes = [mixed_passes(self.network, embeddings, batch, "box", 1, 0),
+                              mixed_passes(self.network, embeddings, batch, "clicks", 1, 0),
+                              mixed_passes(self.network, embeddings, batch, "iterative", 1, self.config.click_iterations)]
+                else:
+                    passes = [predict(self.network, embeddings, batch, self.mode, self.config.click_iterations, generator)]
+            total += sum(_dice_sum(outputs[-1][0], batch["target"]) for outputs in passes) / len(passes)
         dice_sum, count = self.run.sum([total, float(len(indices))])
         return dice_sum / count
 
     def save_model(self, directory: Path, epoch: int, val_dice: float | None) -> None:
         """A medfm model folder: the full model (full recipe) or the trained tensors over the base."""
         recipe = self.config.recipe
-        this_run = {"box": ("box",), "clicks": ("point",), "none": ()}[self.mode]
+        this_run = {"box": ("box",), "clicks": ("point",), "mixed": ("box", "point"), "none": ()}[self.mode]
         trained = tuple(dict.fromkeys([*(self.base.trained_prompts or ()), *this_run]))  # the base's and this run's
         model = SegmentationModel(self.network, self.base.preprocess, self.out.name, self.base.arch, self.base.semantic, trained)
         training = {"base": self.base_id, "recipe": recipe.to_dict(), "epochs_trained": epoch, "val_dice": val_dice}
@@ -393,8 +488,11 @@ class Trainer:
         loader, sampler = self._loader(self.train_set, shuffle=True)
         per_epoch = math.ceil(len(loader) / config.grad_accum)
         total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
-        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup))
+        optimizer = torch.optim.AdamW(self._parameter_groups(), lr=config.lr, weight_decay=config.weight_decay)
+        started = time.monotonic()  # set again below, once a resumed run's seconds are known
+        budget = 60 * config.budget_minutes if config.budget_minutes else None
+        spent = (lambda: (time.monotonic() - started) / budget) if budget else (lambda: 0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup, spent))
         start_epoch, step, best, history, seconds = 0, 0, -1.0, [], 0.0
         if self.resume_state is not None:
             state = self.resume_state
@@ -429,7 +527,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             with progress_bar(config.progress and run.main, len(loader), f"epoch {epoch + 1}/{config.epochs}") as advance:
                 for index, batch in enumerate(loader):
-                    loss = self._loss(batch)
+                    loss = self._loss(batch, epoch, index)
                     (loss / config.grad_accum).backward()
                     running, seen = running + loss.item(), seen + 1
                     if (index + 1) % config.grad_accum == 0 or index + 1 == len(loader):
