@@ -107,14 +107,14 @@ def models(
     support: Annotated[Optional[str], typer.Option(help="e.g. runs-published-weights, planned.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """The catalog: every system of the survey and what medfm supports of it."""
-    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows
+    """The catalog: every model card, the --model names medfm loads it by, what runs offline, its support."""
+    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows, table_title
 
     cards = medfm.list_models(category=category, modality=modality, prompt=prompt, support=support)
     if as_json:
         print(json.dumps([card.to_dict() for card in cards], indent=2))
         return
-    _print_table(f"{len(cards)} systems", CARD_TABLE_COLUMNS, cards_table_rows(cards))
+    _print_table(table_title(cards), CARD_TABLE_COLUMNS, cards_table_rows(cards))
 
 
 @app.command()

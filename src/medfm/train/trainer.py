@@ -43,7 +43,8 @@ from medfm.evaluate.metrics import dice
 from medfm.io.writers import jsonable
 from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
-from medfm.segment.model import PRETRAINED, SegmentationModel, load
+from medfm.catalog import registry
+from medfm.segment.model import SegmentationModel, load
 from medfm.segment.sam import SamCore
 from medfm.train.data import (
     EmbeddingCache,
@@ -145,8 +146,9 @@ class _Run:
 
 def _base_id(base: str) -> tuple[str, str]:
     """The base as config.json records it (registry name, or absolute folder/file) and a cache identity."""
-    if base in PRETRAINED:
-        return base, f"{base}:{PRETRAINED[base].sha256 or PRETRAINED[base].source}"
+    entry = registry.lookup(base, "segment")
+    if entry is not None:
+        return base, f"{base}:{entry.sha256 or entry.weights}"
     path = Path(base).resolve()
     weights = path / "model.safetensors" if path.is_dir() else path
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
