@@ -210,12 +210,12 @@ def test_version_help_and_plain_output_off_a_terminal(tmp_path) -> None:
     assert "serve " in run_medfm("--help").stdout  # advertised now that it exists
     models = run_medfm("models")
     lines = models.stdout.splitlines()
-    from medfm.catalog import CARD_TABLE_COLUMNS
+    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows, registry, table_title
 
-    assert lines[1].split("\t") == list(CARD_TABLE_COLUMNS)
     cards = medfm.list_models()
-    assert len(lines) == 2 + len(cards) and all(line.count("\t") == len(CARD_TABLE_COLUMNS) - 1 for line in lines[1:])
-    assert {line.split("\t")[0] for line in lines[2:]} == {card.name for card in cards}  # no cell cut short
+    assert lines[0] == table_title(cards) and lines[1].split("\t") == list(CARD_TABLE_COLUMNS)
+    assert [line.split("\t") for line in lines[2:]] == cards_table_rows(cards)  # no cell cut short
+    assert {row[1] for row in cards_table_rows(cards)} - {"-"} == {entry.name for entry in registry.ENTRIES}
     deep = tmp_path / ("a_rather_long_folder_name_" * 4) / "busi_benign_001.png"
     deep.parent.mkdir()
     shutil.copy(PNG, deep)
