@@ -93,6 +93,22 @@ def test_every_registered_name_is_on_its_card_and_resolves_in_its_family():
     assert set(registry.DEFAULTS.values()) <= {entry.name for entry in registry.ENTRIES if entry.offline}
 
 
+def test_a_name_given_to_the_wrong_family_says_where_it_belongs():
+    from medfm.clip.model import load as load_clip
+    from medfm.lm import load as load_lm
+    from medfm.segment.model import load as load_segment
+    from medfm.vlm.api import check_name
+
+    with pytest.raises(MedfmError, match=r"unknown model 'medfm-clip-small' \('medfm-clip-small' is of the clip family: medfm classify"):
+        load_segment("medfm-clip-small")
+    with pytest.raises(MedfmError, match=r"'litemedsam' is of the segment family: medfm segment / medfm.load"):
+        load_clip("litemedsam")
+    with pytest.raises(MedfmError, match=r"'medfm-experts-smollm2' is of the vlm family: medfm ask"):
+        load_lm("medfm-experts-smollm2")
+    with pytest.raises(MedfmError, match=r"'smollm2-135m' is of the lm family: medfm qa"):
+        check_name("smollm2-135m")
+
+
 @pytest.fixture
 def offline(monkeypatch):
     """No network: only what ships with medfm and its wheels (and medfm's cache) can load."""

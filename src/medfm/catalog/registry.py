@@ -262,6 +262,19 @@ def get(name: str) -> ModelEntry:
     raise MedfmError(f"no registered model named '{name}'{hint}")
 
 
+#: where each family's models are used, for a name given to the wrong one
+_USED_BY = {"segment": "medfm segment / medfm.load", "clip": "medfm classify / medfm.classify",
+            "lm": "medfm qa / medfm.lm.load", "vlm": "medfm ask / medfm.ask"}
+
+
+def other_family_hint(name: str, family: str) -> str:
+    """For an error message: where ``name`` belongs if it is registered in another family, else ""."""
+    entry = _BY_NAME.get(str(name))
+    if entry is None or entry.family == family:
+        return ""
+    return f" ('{name}' is of the {entry.family} family: {_USED_BY[entry.family]})"
+
+
 def names(family: str) -> list[str]:
     """The registered names of one family, in registration order."""
     return [entry.name for entry in ENTRIES if entry.family == family]

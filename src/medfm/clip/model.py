@@ -264,7 +264,8 @@ def load(
         raise CheckpointError(path, "a bare CLIP state dict does not say its preprocessing; load CheXzero's as "
                               "medfm.clip.load('chexzero', weights=...)")
     else:
-        raise MedfmError(f"unknown zero-shot model '{text}': not {', '.join(registry.names('clip'))}, "
+        raise MedfmError(f"unknown zero-shot model '{text}'{registry.other_family_hint(text, 'clip')}: not "
+                         f"{', '.join(registry.names('clip'))}, "
                          "hf-hub:<org>/<name>, or a medfm / open_clip folder")
     return model.to(device).eval()
 

@@ -105,7 +105,8 @@ def _load_source(source: str, name: str) -> tuple[object, object]:
         raise CheckpointError(path, "is neither a .gguf file nor a transformers model folder")
     if HUB_ID.fullmatch(source):
         return _load_folder(_snapshot(source), source)
-    raise MedfmError(f"unknown language model '{source}': not a registry name ({', '.join(available_lms())}), "
+    raise MedfmError(f"unknown language model '{source}'{registry.other_family_hint(source, 'lm')}: not a registry "
+                     f"name ({', '.join(available_lms())}), "
                      "an existing folder or .gguf file, or a hub id owner/name")
 
 

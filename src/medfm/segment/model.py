@@ -294,8 +294,9 @@ def load(
             path, f"a {layout} checkpoint does not say which preprocessing it was trained with; load it as "
             f"medfm.load('sam-vit-b', weights=...) for SAM or medfm.load('medsam', weights=...) for MedSAM"
         )
-    raise MedfmError(f"unknown model '{text}': not a registry name ({', '.join(available_models())}), "
-                     "a medfm or transformers model folder, a Hugging Face hub id, or a checkpoint file")
+    raise MedfmError(f"unknown model '{text}'{registry.other_family_hint(text, 'segment')}: not a registry name "
+                     f"({', '.join(available_models())}), a medfm or transformers model folder, a Hugging Face hub id, "
+                     "or a checkpoint file")
 
 
 #: transformers' SamProcessor writes this beside a SamModel's weights.

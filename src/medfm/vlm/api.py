@@ -58,7 +58,8 @@ def check_name(name: str, has_weights: bool = False) -> None:
     if entry is not None:
         raise MedfmError(f"'{name}' needs a folder of its published downloads (weights=, --weights)")
     if not (Path(name).is_dir() and is_llava_folder(Path(name))):
-        raise MedfmError(f"unknown vision-language model '{name}': not {', '.join(registry.names('vlm'))}, "
+        raise MedfmError(f"unknown vision-language model '{name}'{registry.other_family_hint(name, 'vlm')}: not "
+                         f"{', '.join(registry.names('vlm'))}, "
                          "or a LLaVA / transformers llava folder")
 
 
