@@ -118,16 +118,29 @@ def offline(monkeypatch):
 
 @pytest.mark.parametrize("name", [entry.name for entry in registry.ENTRIES if entry.offline])
 def test_what_says_it_runs_offline_loads_offline(offline, name):
-    model = registry.get(name).build()
-    assert getattr(model, "name", name) == name
+    model = family_loader(registry.get(name).family)(name)  # the family's loader, as a user calls it
+    assert model.name == name
 
 
-@pytest.mark.parametrize("name", [entry.name for entry in registry.ENTRIES if entry.weights_kind == "url"])
-def test_what_needs_a_download_says_so_offline(offline, monkeypatch, tmp_path, name):
-    # an empty cache: refused with the reason (offline, not cached) and the address, before any work
+def family_loader(family: str):  # noqa: ANN201 - the public loader of a family
+    from medfm.clip.model import load as load_clip
+    from medfm.lm import load as load_lm
+    from medfm.segment.model import load as load_segment
+    from medfm.vlm.api import load as load_vlm
+
+    return {"segment": load_segment, "clip": load_clip, "lm": load_lm, "vlm": load_vlm}[family]
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in registry.ENTRIES if entry.weights_kind in ("url", "none")])
+def test_what_needs_a_download_or_a_file_says_so_through_its_family_loader(offline, monkeypatch, tmp_path, name):
+    # the family's loader finds the name in the registry and refuses at once, before any work: a
+    # download offline with an empty cache names the address; weights nobody publishes say what to pass
     monkeypatch.setenv("MEDFM_HOME", str(tmp_path))
-    with pytest.raises(CheckpointError, match="not cached and medfm is offline: download https://"):
-        registry.get(name).build()
+    entry = registry.get(name)
+    expected = "not cached and medfm is offline: download https://" if entry.weights_kind == "url" else entry.weights_location
+    with pytest.raises(MedfmError) as refusal:
+        family_loader(entry.family)(name)
+    assert expected in str(refusal.value)
 
 
 def test_a_bad_registry_entry_names_itself():
