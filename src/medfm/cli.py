@@ -108,11 +108,11 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The catalog: every model card, the --model names medfm loads it by, what runs offline, its support."""
-    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows, table_title
+    from medfm.catalog import CARD_TABLE_COLUMNS, card_record, cards_table_rows, table_title
 
     cards = medfm.list_models(category=category, modality=modality, prompt=prompt, support=support)
     if as_json:
-        print(json.dumps([card.to_dict() for card in cards], indent=2))
+        print(json.dumps([card_record(card) for card in cards], indent=2))
         return
     _print_table(table_title(cards), CARD_TABLE_COLUMNS, cards_table_rows(cards))
 

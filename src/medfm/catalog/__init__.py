@@ -148,6 +148,14 @@ def cards_table_rows(cards: list[ModelCard]) -> list[list[str]]:
     return rows
 
 
+def card_record(card: ModelCard) -> dict[str, Any]:
+    """The card as JSON data with its registered models (name, family, offline, weights source),
+    what ``medfm models --json`` prints."""
+    models = [{"name": entry.name, "family": entry.family, "offline": entry.offline, "weights": entry.weights}
+              for entry in registry.entries_of_card(card.id)]
+    return card.to_dict() | {"models": models}
+
+
 def table_title(cards: list[ModelCard]) -> str:
     """What the table counts: cards (systems and medfm's own models), loadable names, offline ones."""
     entries = [entry for card in cards for entry in registry.entries_of_card(card.id)]
