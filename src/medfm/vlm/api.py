@@ -68,11 +68,17 @@ def check_name(name: str, has_weights: bool = False) -> None:
 
 def build_llava(entry: ModelEntry, *, weights: str | PathLike[str] | None = None,
                 vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
-    """A published LLaVA-style model: ``weights=`` a local copy of its hub repository, else the hub."""
-    from medfm.hub import hub_snapshot
+    """A LLaVA-style model: ``weights=`` a local copy of its files, else its folder in the package
+    (``bundled:``) or its hub repository (``hub:``)."""
+    from medfm.hub import hub_snapshot, resolve
     from medfm.vlm.formats import load_llava_folder
 
-    folder = Path(weights) if weights is not None else hub_snapshot(entry.weights_location, ("*.json", "*.safetensors", "*.model"))
+    if weights is not None:
+        folder = Path(weights)
+    elif entry.weights_kind == "bundled":
+        folder = resolve(entry.name, entry.weights, None, None)
+    else:
+        folder = hub_snapshot(entry.weights_location, ("*.json", "*.safetensors", "*.model"))
     return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
 
 
