@@ -34,7 +34,8 @@ from medfm.segment.adapted_predictor import SemanticPredictor
 from medfm.segment.predictor import Predictor
 from medfm.segment.adapters import LoRAQKVLinear, MSALayer, SamMed2DLayer, closest_factors
 from medfm.segment.checkpoints import convert_medfm_to_segment_anything, load_state_dict_file
-from medfm.segment.model import PRETRAINED, SegmentationModel
+from medfm.catalog.registry import get
+from medfm.segment.model import SegmentationModel
 from medfm.segment.sam import SamCore, build_sam
 from tests.conftest import EXAMPLES
 
@@ -172,15 +173,15 @@ def ref_sam_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_entries_carry_their_preprocessing() -> None:
-    med2d, msa, samed = PRETRAINED["sam-med2d"], PRETRAINED["msa"], PRETRAINED["samed"]
-    assert (med2d.arch, med2d.card, med2d.filename) == ("sam_med2d_vit_b", "sam-med2d", "sam-med2d_b.pth")
-    assert med2d.source.startswith("url:") and "1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl" in med2d.source
-    p = med2d.preprocess
+    med2d, msa, samed = get("sam-med2d"), get("msa"), get("samed")
+    assert (med2d.options["arch"], med2d.card, med2d.filename) == ("sam_med2d_vit_b", "sam-med2d", "sam-med2d_b.pth")
+    assert med2d.weights.startswith("url:") and "1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl" in med2d.weights
+    p = med2d.preprocessing()
     assert (p.image_size, p.resize, p.normalization) == (256, "stretch", "mean-std")
     assert (p.pixel_mean, p.pixel_std, p.box_rounding) == (SAM_PIXEL_MEAN, SAM_PIXEL_STD, "none")
-    assert msa.source.startswith("none:") and msa.preprocess.image_size == 1024
-    assert msa.preprocess.pixel_mean == (0.0, 0.0, 0.0) and msa.preprocess.pixel_std == (255.0, 255.0, 255.0)
-    assert samed.preprocess.image_size == 512 and samed.sha256 == PRETRAINED["sam-vit-b"].sha256
+    assert msa.weights.startswith("none:") and msa.preprocessing().image_size == 1024
+    assert msa.preprocessing().pixel_mean == (0.0, 0.0, 0.0) and msa.preprocessing().pixel_std == (255.0, 255.0, 255.0)
+    assert samed.preprocessing().image_size == 512 and samed.sha256 == get("sam-vit-b").sha256
     [lora] = samed.extra
     assert lora.role == "lora" and "1P0Bm-05l-rfeghbrT1B62v5eN-3A-uOr" in lora.source
     full = {arch: config for arch, config in ADAPTED_CONFIGS.items()}

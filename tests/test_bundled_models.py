@@ -10,7 +10,8 @@ import torch
 
 import medfm
 from medfm.errors import MedfmError
-from medfm.segment.model import BUNDLED, BUNDLED_DIR, available_models, load
+from medfm.catalog import registry
+from medfm.segment.model import BUNDLED_DIR, available_models, load
 from tests.conftest import EXAMPLES
 from tests.test_predictor import needs_litemedsam
 
@@ -27,7 +28,7 @@ def test_the_fine_tune_ships_only_its_trained_tensors_and_a_card() -> None:
     with safe_open(str(folder / "model.safetensors"), "pt") as weights:
         keys = set(weights.keys())
     assert keys and all(key.startswith("mask_decoder.") for key in keys)
-    assert FT in BUNDLED and FT in available_models()
+    assert registry.get(FT).weights == f"bundled:segment/weights/{FT}" and FT in available_models()
 
 
 @needs_litemedsam
@@ -55,10 +56,10 @@ def test_a_bundled_model_takes_no_weights() -> None:
 
 @needs_litemedsam
 def test_the_fine_tune_is_the_default_everywhere() -> None:
-    from medfm.segment.model import BUNDLED, DEFAULT_MODEL
+    from medfm.segment.model import DEFAULT_MODEL
     from tests.test_cli import run_medfm
 
-    assert DEFAULT_MODEL == "medfm-litemedsam-ft" and DEFAULT_MODEL in BUNDLED
+    assert DEFAULT_MODEL == "medfm-litemedsam-ft" and registry.get(DEFAULT_MODEL).weights_kind == "bundled"
     assert medfm.load().name == DEFAULT_MODEL
     help_text = run_medfm("segment", "--help").stdout
     assert f"(default: {DEFAULT_MODEL})" in " ".join(help_text.replace("│", " ").split())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -20,8 +23,11 @@ from medfm.catalog import (
     cards_table_rows,
     get_card,
     list_models,
+    table_title,
 )
-from medfm.errors import MedfmError
+from medfm.catalog import registry
+from medfm.errors import CheckpointError, MedfmError
+from medfm.preprocess import PreprocessConfig
 
 TEXTUALLY_PROMPTED = {
     "MedCLIP", "CheXzero", "BioViL-T", "BiomedCLIP",  # contrastive
@@ -37,7 +43,7 @@ VISUALLY_PROMPTED = {
 # BioMedLM and BioGPT are the language models of MedBLIP and the biomedical GPT layouts)
 LANGUAGE_MODELS = {"SmolLM2", "BioMedLM", "BioGPT"}
 SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM-U", "SAM zero-shot study"}
-MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-clip-small"}  # trained by medfm, beside the survey's systems
+MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-clip-small", "medfm-experts-smollm2"}  # medfm's own, beside the survey's systems
 NO_PUBLIC_WEIGHTS = {
     "Med-PaLM 2", "Med-PaLM M", "GMAI", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
 }
@@ -58,7 +64,7 @@ def test_every_card_validates_and_matches_its_file():
     assert len(cards) == len(list(CARDS_DIR.glob("*.json"))) == 26 + len(MEDFM_MODELS) + len(LANGUAGE_MODELS)
     for card in cards:
         on_disk = json.loads((CARDS_DIR / f"{card.id}.json").read_text(encoding="utf-8"))
-        assert card.to_dict() == on_disk
+        assert card.to_dict() == on_disk | {"medfm_names": [entry.name for entry in registry.entries_of_card(card.id)]}
         assert card.subcategory in SUBCATEGORIES[card.category]
         assert set(card.modalities) <= set(MODALITIES)
         assert set(card.tasks) <= set(TASKS)
@@ -66,50 +72,118 @@ def test_every_card_validates_and_matches_its_file():
         assert card.support in SUPPORT_LEVELS
 
 
+def test_every_registered_name_is_on_its_card_and_resolves_in_its_family():
+    cards = {card.id: card for card in list_models()}
+    for entry in registry.ENTRIES:
+        assert entry.name in cards[entry.card].medfm_names and get_card(entry.name).id == entry.card
+        assert callable(registry.resolve_reference(entry.builder)), entry.name
+        if entry.family == "segment":  # published SAM-family weights carry their preprocessing
+            assert entry.weights_kind == "bundled" or isinstance(entry.preprocessing(), PreprocessConfig)
+        # a card that loads by name runs its weights, runs them as a method, or has the architecture
+        assert entry.support not in ("planned", "closed-weights", "trainable-recipe"), entry.name
+    from medfm.clip.model import load as load_clip  # noqa: F401 - each family's loader takes its names
+    from medfm.lm import available_lms
+    from medfm.segment.model import available_models
+    from medfm.vlm.api import check_name
+
+    assert available_models() == sorted(registry.names("segment")) and available_lms() == registry.names("lm")
+    for name in registry.names("vlm"):
+        if registry.get(name).weights_kind != "none":
+            check_name(name)
+    assert set(registry.DEFAULTS.values()) <= {entry.name for entry in registry.ENTRIES if entry.offline}
+
+
+def test_a_name_given_to_the_wrong_family_says_where_it_belongs():
+    from medfm.clip.model import load as load_clip
+    from medfm.lm import load as load_lm
+    from medfm.segment.model import load as load_segment
+    from medfm.vlm.api import check_name
+
+    with pytest.raises(MedfmError, match=r"unknown model 'medfm-clip-small' \('medfm-clip-small' is of the clip family: medfm classify"):
+        load_segment("medfm-clip-small")
+    with pytest.raises(MedfmError, match=r"'litemedsam' is of the segment family: medfm segment / medfm.load"):
+        load_clip("litemedsam")
+    with pytest.raises(MedfmError, match=r"'medfm-experts-smollm2' is of the vlm family: medfm ask"):
+        load_lm("medfm-experts-smollm2")
+    with pytest.raises(MedfmError, match=r"'smollm2-135m' is of the lm family: medfm qa"):
+        check_name("smollm2-135m")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: only what ships with medfm and its wheels (and medfm's cache) can load."""
+    monkeypatch.setenv("MEDFM_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in registry.ENTRIES if entry.offline])
+def test_what_says_it_runs_offline_loads_offline(offline, name):
+    model = family_loader(registry.get(name).family)(name)  # the family's loader, as a user calls it
+    assert model.name == name
+
+
+def family_loader(family: str):  # noqa: ANN201 - the public loader of a family
+    from medfm.clip.model import load as load_clip
+    from medfm.lm import load as load_lm
+    from medfm.segment.model import load as load_segment
+    from medfm.vlm.api import load as load_vlm
+
+    return {"segment": load_segment, "clip": load_clip, "lm": load_lm, "vlm": load_vlm}[family]
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in registry.ENTRIES if entry.weights_kind in ("url", "none")])
+def test_what_needs_a_download_or_a_file_says_so_through_its_family_loader(offline, monkeypatch, tmp_path, name):
+    # the family's loader finds the name in the registry and refuses at once, before any work: a
+    # download offline with an empty cache names the address; weights nobody publishes say what to pass
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path))
+    entry = registry.get(name)
+    expected = "not cached and medfm is offline: download https://" if entry.weights_kind == "url" else entry.weights_location
+    with pytest.raises(MedfmError) as refusal:
+        family_loader(entry.family)(name)
+    assert expected in str(refusal.value)
+
+
+def test_a_bad_registry_entry_names_itself():
+    good = registry.get("litemedsam")
+    for changes, problem in [
+        ({"family": "audio"}, "family 'audio'"),
+        ({"weights": "ftp:x"}, "weights kind 'ftp'"),
+        ({"offline": True, "weights": "url:https://example.org/x.pth"}, "offline=True"),
+        ({"builder": "medfm.segment.model.load"}, "module:function"),
+    ]:
+        with pytest.raises(MedfmError, match=f"entry 'litemedsam': .*{problem}"):
+            registry._check((dataclasses.replace(good, **changes),))
+    with pytest.raises(MedfmError, match="registered twice"):
+        registry._check((good, good))
+
+
 def test_support_tells_the_truth_today():
-    # A card that claims to run published weights names registry entries that exist and point
-    # back at it; everything else is planned or has no public weights.
-    from medfm.clip.model import PUBLISHED_MODELS
-    from medfm.lm import LM_REGISTRY
-    from medfm.segment.model import PRETRAINED
-    from medfm.vlm.api import PUBLISHED_NAMES
-
-    def registered(name: str, card_id: str) -> bool:
-        if name in PUBLISHED_NAMES:
-            return name == card_id
-        if name in PRETRAINED:
-            return PRETRAINED[name].card == card_id
-        return LM_REGISTRY[name].card == card_id if name in LM_REGISTRY else name in PUBLISHED_MODELS
-
     assert names(list_models(support="closed-weights")) == NO_PUBLIC_WEIGHTS
     running = list_models(support="runs-published-weights")
     assert {card.id for card in running} == {"litemedsam", "sam", "medsam", "sam-med2d", "samed", "chexzero", "biomedclip", "smollm2"}
-    for card in running:
-        assert card.medfm_names and all(registered(name, card.id) for name in card.medfm_names)
+    assert all(card.medfm_names for card in running)
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
     # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
     # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
     language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo"}
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
-    assert all(PRETRAINED[name].card == "msa" for name in get_card("msa").medfm_names)
-    assert all(registered(name, card_id) for card_id in language for name in get_card(card_id).medfm_names)
+    assert all(card.medfm_names for card in list_models(support="architecture") if card.id != "biovil-t")
     # MedCLIP's semantic-matching loss trains medfm's dual encoders; AutoSAM's prompt generator is a recipe
     from medfm.clip import semantic_matching_loss  # noqa: F401 - MedCLIP's recipe exists
     from medfm.segment.variants import RECIPES
 
     assert {card.id for card in list_models(support="trainable-recipe")} == {"medclip", "autosam"}
     assert "autoprompt" in RECIPES and "--recipe autoprompt" in get_card("autosam").notes
-    # SAM-U and the zero-shot study run over loaded models: the commands their cards name exist
+    # SAM-U and the zero-shot study run over loaded models: the commands their cards name exist;
+    # medfm-experts-smollm2 runs over medfm-clip-small and SmolLM2
     from medfm.segment.uncertainty import predict_with_uncertainty  # noqa: F401 - SAM-U
 
-    assert {card.id for card in list_models(support="runs-as-method")} == {"sam-u", "sam-zero-shot-study"}
+    assert {card.id for card in list_models(support="runs-as-method")} == {"sam-u", "sam-zero-shot-study", "medfm-experts-smollm2"}
     assert (Path(__file__).parents[1] / "benchmarks" / "zero_shot_study.py").is_file()
     # medfm's own models ship in the package and load by the names their cards give
-    from medfm.clip.model import DEFAULT_MODEL as CLIP_DEFAULT
-    from medfm.segment.model import BUNDLED, DEFAULT_MODEL
-
     trained = list_models(support="medfm-trained")
-    assert {name for card in trained for name in card.medfm_names} == {*BUNDLED, CLIP_DEFAULT} >= {DEFAULT_MODEL}
+    shipped = {entry.name for entry in registry.ENTRIES if entry.weights_kind == "bundled"}
+    assert {name for card in trained for name in card.medfm_names} == shipped >= {registry.DEFAULTS["segment"]}
     assert "default" not in get_card("litemedsam").notes.split("medfm's default")[0].lower()
     assert {card.support for card in list_models()} == set(SUPPORT_LEVELS)
     assert all(card.weights is None for card in list_models(support="closed-weights"))
@@ -122,7 +196,7 @@ def test_to_dict_is_json_with_lists():
 
 
 def test_filter_by_category_and_subcategory():
-    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED | LANGUAGE_MODELS | {"medfm-clip-small"}
+    assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED | LANGUAGE_MODELS | {"medfm-clip-small", "medfm-experts-smollm2"}
     assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED | {"medfm-litemedsam-ft"}
     assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T", "BiomedCLIP", "medfm-clip-small"}
     assert names(list_models(category="hybrid")) == {"MedBLIP"}
@@ -187,10 +261,14 @@ def test_unknown_name_suggests_close_matches():
 def test_cards_table_rows():
     [row] = cards_table_rows([get_card("sam-med2d")])
     assert len(row) == len(CARD_TABLE_COLUMNS) and CARD_TABLE_COLUMNS[1] == "--model"
-    assert row[:4] == ["SAM-Med2D", "sam-med2d", "2023", "visually-prompted/adaptation"]
-    assert row[5:] == ["box, point, mask", "runs-published-weights"]
-    assert cards_table_rows([get_card("gmai")])[0][1] == "-"
-    assert cards_table_rows([get_card("gmai")])[0][4:6] == ["-", "-"]
+    assert row[:6] == ["SAM-Med2D", "sam-med2d", "segment", "no", "2023", "visually-prompted/adaptation"]
+    assert row[7:] == ["box, point, mask", "runs-published-weights"]
+    assert [row[1:4] for row in cards_table_rows([get_card("sam")])] == [[f"sam-vit-{s}", "segment", "no"] for s in "blh"]
+    assert cards_table_rows([get_card("medfm-litemedsam-ft")])[0][1:4] == ["medfm-litemedsam-ft", "segment", "yes"]
+    assert cards_table_rows([get_card("gmai")])[0][1:4] == ["-", "-", "-"]
+    assert cards_table_rows([get_card("gmai")])[0][6:8] == ["-", "-"]
+    assert table_title(list_models()) == (f"{len(list_models())} model cards, {len(registry.ENTRIES)} loadable by "
+                                          f"--model name, {sum(e.offline for e in registry.ENTRIES)} of them offline")
 
 
 # -- malformed cards: the loader names the file and the problem ------------------------------------
@@ -247,18 +325,26 @@ def test_invalid_json_names_the_file(tmp_path):
 
 def test_duplicate_id_names_both_files(tmp_path):
     write_card(tmp_path, "a.json")
-    write_card(tmp_path, "b.json", name="MedSAM copy", medfm_names=[])
+    write_card(tmp_path, "b.json", name="MedSAM copy")
     with pytest.raises(MedfmError, match="model card b.json: 'medsam'.*already used by a.json"):
         _load_cards(tmp_path)
 
 
-def test_medfm_name_claimed_twice_is_an_error(tmp_path):
-    write_card(tmp_path, "a.json")
-    write_card(tmp_path, "b.json", id="medsam-2", name="MedSAM 2")
-    with pytest.raises(MedfmError, match="b.json: 'medsam'.*already used by a.json"):
+def test_medfm_names_in_a_card_file_point_to_the_registry(tmp_path):
+    write_card(tmp_path, "a.json", medfm_names=["medsam"])
+    with pytest.raises(MedfmError, match="a.json: 'medfm_names' is not written in a card: register each name once"):
         _load_cards(tmp_path)
 
 
 def test_empty_directory_is_an_error(tmp_path):
     with pytest.raises(MedfmError, match="no model cards"):
         _load_cards(tmp_path)
+
+
+def test_the_catalog_imports_no_model_family():
+    # builders and preprocessing are dotted paths, imported only when a model is built
+    code = ("import sys, medfm.catalog as c; c.cards_table_rows(c.list_models()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.split('.')[:2] in "
+            "(['medfm', 'segment'], ['medfm', 'clip'], ['medfm', 'lm'], ['medfm', 'vlm'])))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

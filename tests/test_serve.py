@@ -31,7 +31,7 @@ from medfm.errors import OptionError  # noqa: E402
 from medfm.segment.model import SegmentationModel  # noqa: E402
 from medfm.serve import ServeSettings, check_settings  # noqa: E402
 from medfm.serve.app import create_app  # noqa: E402
-from medfm.serve.state import EmbeddingCache  # noqa: E402
+from medfm.serve.state import EmbeddingCache, QuestionsFull  # noqa: E402
 from tests.conftest import EXAMPLES, write_dicom_series  # noqa: E402
 from tests.test_predictor import tiny_model  # noqa: E402, F401 - the tiny random LiteMedSAM fixture
 from tests.serve_support import running, tiny_llava  # noqa: E402, F401 - tiny_llava: the tiny /ask model fixture
@@ -365,6 +365,40 @@ def test_prompts_do_not_wait_for_a_question_being_answered(client, tiny_llava) -
             release.set()
 
     asyncio.run(scenario())
+
+
+def test_a_full_question_queue_answers_503_and_frees_as_questions_end(client) -> None:
+    """/ask holds at most max_questions (running and waiting); one more is refused at once, with a
+    reason and Retry-After, and is taken again once a held question has been answered."""
+    asker, store = client.app.state.asker, client.app.state.store
+    image_id = upload(client, PNG)["id"]
+    image = store.uploads[image_id].image
+    release, answer = threading.Event(), asker._ask
+    assert asker.max_questions == ServeSettings().max_questions == 8
+
+    async def scenario() -> None:
+        asker._ask = lambda *args: "held" if release.wait(30) else "timed out"
+        try:
+            held = [asyncio.ensure_future(asker.ask(image, "is it ?", None, 4)) for _ in range(asker.max_questions)]
+            await asyncio.sleep(0.05)
+            assert asker.held == asker.max_questions
+            with pytest.raises(QuestionsFull, match="8 questions are being answered or waiting"):
+                await asker.ask(image, "is it ?", None, 4)
+            release.set()
+            assert await asyncio.wait_for(asyncio.gather(*held), 30) == ["held"] * asker.max_questions
+            assert asker.held == 0 and await asker.ask(image, "is it ?", None, 4) == "held"
+        finally:
+            asker._ask = answer
+            release.set()
+
+    asyncio.run(scenario())
+    asker.held = asker.max_questions  # what a full queue looks like to the next request
+    try:
+        response = client.post(f"/v1/images/{image_id}/ask", json={"question": "is it ?"})
+    finally:
+        asker.held = 0
+    assert_problem(response, 503, "/ask is busy", "at most 8 held", "ask again in a moment")
+    assert response.headers["retry-after"] == "5"
 
 
 @pytest.fixture(scope="module")

@@ -495,3 +495,16 @@ def test_med_flamingo_loads_by_name_from_one_folder(tmp_path):
     (tmp_path / "med-flamingo" / "clip-vit-large-patch14" / "config.json").unlink()
     with pytest.raises(InputFileError, match="one CLIP folder"):
         load("med-flamingo", weights=tmp_path / "med-flamingo")
+
+
+def test_a_bundled_registry_entry_loads_its_llava_folder(tmp_path):
+    # how a medfm-trained vision-language model shipped in the package registers (``bundled:`` is a
+    # folder below medfm/; an absolute path stands in for it here)
+    from medfm.catalog.registry import ModelEntry
+
+    folder = tmp_path / "tiny-llava"
+    write_transformers_llava(folder, 5)
+    entry = ModelEntry("tiny-bundled-vlm", "vlm", "llava-med", "medfm.vlm.api:build_llava", f"bundled:{folder}", "",
+                       prompts=("text",), offline=True)
+    model = entry.build()
+    assert hasattr(model, "answer")

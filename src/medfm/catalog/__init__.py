@@ -3,6 +3,8 @@
 Each card is a JSON file in ``cards/``. The files are read once, validated field by field against
 the vocabularies below, and served as frozen :class:`ModelCard` objects. A card that does not
 validate stops the load with a :class:`~medfm.errors.MedfmError` naming the file and the problem.
+A card's ``medfm_names`` are not in its file: they are the names `medfm.catalog.registry` registers
+for it, so each name is written once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
 
+from medfm.catalog import registry
 from medfm.errors import MedfmError
 
 SUBCATEGORIES: dict[str, tuple[str, ...]] = {
@@ -76,14 +79,13 @@ class ModelCard:
         }
 
 
-_FIELDS = tuple(field.name for field in dataclasses.fields(ModelCard))
+_FIELDS = tuple(field.name for field in dataclasses.fields(ModelCard) if field.name != "medfm_names")
 _TEXT_FIELDS = ("id", "name", "paper", "authors", "url", "category", "subcategory", "license", "support", "notes")
 _OPTIONAL_TEXT_FIELDS = ("arxiv", "code", "weights")
-_LIST_FIELDS: dict[str, tuple[str, ...] | None] = {
+_LIST_FIELDS: dict[str, tuple[str, ...]] = {
     "modalities": MODALITIES,
     "tasks": TASKS,
     "prompt_types": PROMPT_TYPES,
-    "medfm_names": None,  # free names, but each must be a slug
 }
 
 
@@ -127,29 +129,47 @@ def get_card(name: str) -> ModelCard:
     return card
 
 
-#: the columns of `cards_table_rows`; ``--model`` holds the names ``medfm.load``/``--model`` take
-CARD_TABLE_COLUMNS = ("name", "--model", "year", "category", "modalities", "prompts", "support")
+#: the columns of `cards_table_rows`: ``--model`` is a name the family loaders take (one row per
+#: registered name; "-" for a card medfm cannot load by name), ``offline`` whether it loads with no
+#: download and no weights= (from the registry)
+CARD_TABLE_COLUMNS = ("name", "--model", "family", "offline", "year", "category", "modalities", "prompts", "support")
 
 
 def cards_table_rows(cards: list[ModelCard]) -> list[list[str]]:
-    """One row per card, in the order of `CARD_TABLE_COLUMNS`."""
-    return [
-        [
-            card.name,
-            ", ".join(card.medfm_names) or "-",
-            str(card.year),
-            f"{card.category}/{card.subcategory}",
-            ", ".join(card.modalities) or "-",
-            ", ".join(card.prompt_types) or "-",
-            card.support,
-        ]
-        for card in cards
-    ]
+    """One row per registered name of each card (one row for a card without names), in the order
+    of `CARD_TABLE_COLUMNS`."""
+    rows = []
+    for card in cards:
+        about = [str(card.year), f"{card.category}/{card.subcategory}", ", ".join(card.modalities) or "-",
+                 ", ".join(card.prompt_types) or "-", card.support]
+        entries = registry.entries_of_card(card.id)
+        rows += [[card.name, entry.name, entry.family, "yes" if entry.offline else "no", *about] for entry in entries]
+        rows += [] if entries else [[card.name, "-", "-", "-", *about]]
+    return rows
+
+
+def card_record(card: ModelCard) -> dict[str, Any]:
+    """The card as JSON data with its registered models (name, family, offline, weights source),
+    what ``medfm models --json`` prints."""
+    models = [{"name": entry.name, "family": entry.family, "offline": entry.offline, "weights": entry.weights}
+              for entry in registry.entries_of_card(card.id)]
+    return card.to_dict() | {"models": models}
+
+
+def table_title(cards: list[ModelCard]) -> str:
+    """What the table counts: cards (systems and medfm's own models), loadable names, offline ones."""
+    entries = [entry for card in cards for entry in registry.entries_of_card(card.id)]
+    return (f"{len(cards)} model cards, {len(entries)} loadable by --model name, "
+            f"{sum(entry.offline for entry in entries)} of them offline")
 
 
 @functools.cache
 def _catalog() -> tuple[ModelCard, ...]:
-    return _load_cards(resources.files(__name__) / "cards")
+    cards = _load_cards(resources.files(__name__) / "cards")
+    orphans = sorted({entry.card for entry in registry.ENTRIES} - {card.id for card in cards})
+    if orphans:
+        raise MedfmError(f"model registry: no card for {', '.join(orphans)} (add cards/<id>.json)")
+    return cards
 
 
 @functools.cache
@@ -202,6 +222,8 @@ def _parse_card(data: Any, filename: str) -> ModelCard:
     unknown = [name for name in data if name not in _FIELDS]
     if missing:
         raise fail(f"missing field(s): {', '.join(missing)}")
+    if "medfm_names" in unknown:
+        raise fail("'medfm_names' is not written in a card: register each name once in medfm/catalog/registry.py")
     if unknown:
         raise fail(f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(_FIELDS)})")
 
@@ -237,12 +259,12 @@ def _parse_card(data: Any, filename: str) -> ModelCard:
         if len(set(values)) != len(values):
             raise fail(f"'{name}' lists a value twice: {values!r}")
         for value in values:
-            if vocabulary is not None and value not in vocabulary:
+            if value not in vocabulary:
                 raise fail(_outside(name, value, vocabulary))
-            if vocabulary is None and not _SLUG.fullmatch(value):
-                raise fail(f"'{name}' entries must be lowercase slugs, got {value!r}")
 
-    return ModelCard(**{key: tuple(value) if key in _LIST_FIELDS else value for key, value in data.items()})
+    names = tuple(entry.name for entry in registry.entries_of_card(data["id"]))
+    return ModelCard(**{key: tuple(value) if key in _LIST_FIELDS else value for key, value in data.items()},
+                     medfm_names=names)
 
 
 def _outside(what: str, value: object, vocabulary: tuple[str, ...]) -> str:

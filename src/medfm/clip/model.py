@@ -39,18 +39,18 @@ from medfm.clip.towers import (
     build_projection,
     minilm_folder,
 )
+from medfm.catalog import registry
+from medfm.catalog.registry import ModelEntry
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, MedfmError, ModelOutputError
 from medfm.safe_load import MODEL_WEIGHTS, load_strict, read_folder_weights
 
 CONFIG_NAME = "config.json"
-#: published checkpoints `load` takes by name (their weights: the hub, or ``weights=``)
-PUBLISHED_MODELS = ("biomedclip", "chexzero")
 FORMAT_VERSION = 1
 TASK = "zero-shot-classification"
+#: medfm's own dual encoders ship here (registered as ``bundled:clip/weights/<name>``)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "medfm-clip-small"
-BIOMEDCLIP_HUB = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+DEFAULT_MODEL = registry.DEFAULTS["clip"]
 
 
 class DualEncoder(nn.Module):
@@ -240,26 +240,20 @@ def load(
     tokenizer: str | PathLike[str] | None = None,
     device: str | torch.device = "cpu",
 ) -> DualEncoder:
-    """Load a dual encoder by name (``medfm-clip-small``, ``biomedclip``, ``chexzero``), by
+    """Load a dual encoder by registry name (``medfm-clip-small``, ``biomedclip``, ``chexzero``), by
     ``hf-hub:<org>/<name>``, or from a medfm / open_clip folder.
 
     ``weights``: a local copy of the published files (BiomedCLIP's folder, CheXzero's ``.pt``).
     ``tokenizer``: CheXzero's (OpenAI CLIP's BPE) tokenizer folder or hub id; default
     ``openai/clip-vit-base-patch32`` from the Hugging Face cache.
     """
-    from medfm.clip.formats import hub_folder, load_chexzero, load_open_clip
+    from medfm.clip.formats import hub_folder, load_open_clip
 
     device = resolve_device(device)  # before anything loads
     text, path = str(name_or_path), Path(name_or_path)
-    if text == DEFAULT_MODEL:
-        model = DualEncoder.from_pretrained(WEIGHTS_DIR / DEFAULT_MODEL)
-    elif text == "biomedclip":
-        model = load_open_clip(Path(weights) if weights is not None else hub_folder(BIOMEDCLIP_HUB))
-    elif text == "chexzero":
-        if weights is None:
-            raise CheckpointError("chexzero", "CheXzero's weights are published on Google Drive only (see the catalog card): "
-                                  "download e.g. best_64_5e-05_original_22000_0.864.pt and pass weights=<file>")
-        model = load_chexzero(Path(weights), tokenizer or "openai/clip-vit-base-patch32")
+    entry = registry.lookup(text, "clip")
+    if entry is not None:
+        model = entry.build(weights=weights, tokenizer=tokenizer)
     elif text.startswith("hf-hub:"):
         model = load_open_clip(hub_folder(text.removeprefix("hf-hub:")))
     elif path.is_dir() and (path / "open_clip_config.json").is_file():
@@ -270,9 +264,40 @@ def load(
         raise CheckpointError(path, "a bare CLIP state dict does not say its preprocessing; load CheXzero's as "
                               "medfm.clip.load('chexzero', weights=...)")
     else:
-        raise MedfmError(f"unknown zero-shot model '{text}': not medfm-clip-small, biomedclip, chexzero, "
+        raise MedfmError(f"unknown zero-shot model '{text}'{registry.other_family_hint(text, 'clip')}: not "
+                         f"{', '.join(registry.names('clip'))}, "
                          "hf-hub:<org>/<name>, or a medfm / open_clip folder")
     return model.to(device).eval()
+
+
+# -- the builders the registry names (``builder=``) ------------------------------------------------
+
+
+def build_bundled(entry: ModelEntry, *, weights: object = None, tokenizer: object = None) -> DualEncoder:
+    """A dual encoder shipped inside medfm (``bundled:clip/weights/<name>``)."""
+    from medfm.hub import resolve
+
+    if weights is not None or tokenizer is not None:
+        raise MedfmError(f"'{entry.name}' is shipped with medfm: it takes no weights= or tokenizer=")
+    return DualEncoder.from_pretrained(resolve(entry.name, entry.weights, None, None))
+
+
+def build_open_clip(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, tokenizer: object = None) -> DualEncoder:
+    """A published open_clip model: ``weights=`` a local copy of its folder, else its hub repository."""
+    from medfm.clip.formats import hub_folder, load_open_clip
+
+    return load_open_clip(Path(weights) if weights is not None else hub_folder(entry.weights_location))
+
+
+def build_chexzero(
+    entry: ModelEntry, *, weights: str | PathLike[str] | None = None, tokenizer: str | PathLike[str] | None = None
+) -> DualEncoder:
+    """CheXzero from ``weights=`` its state dict, with OpenAI CLIP's tokenizer (``tokenizer=``)."""
+    from medfm.clip.formats import load_chexzero
+
+    if weights is None:
+        raise CheckpointError(entry.name, entry.weights_location)
+    return load_chexzero(Path(weights), tokenizer or "openai/clip-vit-base-patch32")
 
 
 @functools.lru_cache(maxsize=2)

@@ -62,10 +62,11 @@ class SamEncoderBackbone(nn.Module):
         self.out_dim = out_chans
         self._fast = None
         if pretrained:
+            from medfm.catalog.registry import get
             from medfm.segment.checkpoints import load_sam_checkpoint
-            from medfm.segment.model import PRETRAINED, resolve_weights
+            from medfm.segment.model import resolve_weights
 
-            network = load_sam_checkpoint(resolve_weights(PRETRAINED["litemedsam"]), arch="litemedsam")
+            network = load_sam_checkpoint(resolve_weights(get("litemedsam")), arch="litemedsam")
             self.encoder.load_state_dict(network.image_encoder.state_dict())
         self.requires_grad_(False)
         self.eval()

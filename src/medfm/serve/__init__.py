@@ -32,6 +32,8 @@ class ServeSettings:
     #: The vision-language model of /ask (a `medfm.vlm.api.load` name or folder; its default), loaded on the
     #: first question (a literal here: importing medfm.vlm would load torch before the settings are checked).
     ask_model: str = "medfm-experts-smollm2"
+    #: Questions /ask holds at once, the one being answered included; more are refused with 503.
+    max_questions: int = 8
     device: str = "cpu"
     cache_mb: float = 1024
     idle_minutes: float = 60

@@ -38,7 +38,7 @@ from medfm.intensity import IntensityPreset, preset
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel
 from medfm.serve import LOOPBACK, ServeSettings
-from medfm.serve.state import ANNOTATION, Asker, EmbeddingCache, ImageStore, Segmenter, Upload
+from medfm.serve.state import ANNOTATION, Asker, EmbeddingCache, ImageStore, QuestionsFull, Segmenter, Upload
 from medfm.serve.uploads import SUFFIXES, UnsupportedUpload, UploadTooLarge, check_size, sniff
 
 log = logging.getLogger("medfm.serve")
@@ -152,7 +152,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     store = ImageStore(root, settings.idle_minutes * 60)
     cache = EmbeddingCache(int(settings.cache_mb * 2**20))
     segmenter = Segmenter(models, cache, settings.encode_workers, settings.decode_workers)
-    asker = Asker(settings.ask_model, settings.device)
+    asker = Asker(settings.ask_model, settings.device, settings.max_questions)
     max_upload = int(settings.max_upload_mb * 2**20)
 
     @contextlib.asynccontextmanager
@@ -458,7 +458,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         probabilities = await asyncio.to_thread(medfm.classify, image, request.labels, settings.classify_model, method=request.method)
         return ClassifyResponse(model=settings.classify_model, probabilities=probabilities)
 
-    @app.post("/v1/images/{image_id}/ask", responses=PROBLEMS)
+    @app.post("/v1/images/{image_id}/ask", responses={**PROBLEMS, 503: PROBLEMS[429]})
     async def ask(image_id: str, request: AskRequest) -> AskResponse:
         """The vision-language model's answer to a question about the image (a volume's slice),
         with medfm.vlm.api.ask; with choices, the most likely of them. Research use, not diagnosis."""
@@ -472,7 +472,10 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
             check_choices(request.choices)
         index = slice_of(upload, request.slice)
         image = upload.image if index is None else upload.image.slice(index)
-        answer = await asker.ask(image, request.question, request.choices, request.max_new_tokens)
+        try:
+            answer = await asker.ask(image, request.question, request.choices, request.max_new_tokens)
+        except QuestionsFull as full:
+            raise HTTPException(503, f"/ask is busy: {full}", headers={"Retry-After": "5"}) from full
         return AskResponse(answer=answer, model=asker.name)
 
     def _mask(upload: Upload, mask_id: str) -> np.ndarray:

@@ -210,21 +210,36 @@ class Segmenter:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
+class QuestionsFull(Exception):
+    """/ask already holds its most questions (running and waiting): the client should retry later."""
+
+
 class Asker:
     """The server's vision-language model (`medfm.vlm.api`), loaded on the first question (seconds)
     and kept. Questions run one at a time in their own thread, so a generation of seconds never holds
-    up the segmentation pools, and a model that keeps per-image state is never used by two threads."""
+    up the segmentation pools, and a model that keeps per-image state is never used by two threads.
+    At most ``max_questions`` are held at once (the one running included): a longer queue would only
+    grow the server's memory and every client's wait, so more are refused with `QuestionsFull`."""
 
-    def __init__(self, source: str, device: str) -> None:
-        self.source, self.device = source, device
+    def __init__(self, source: str, device: str, max_questions: int = 8) -> None:
+        self.source, self.device, self.max_questions = source, device, max_questions
         #: The name clients see and send: a folder is named by its last part, not its path on the server.
         self.name = Path(source).name if Path(source).is_dir() else source
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="medfm-ask")
         self.model: Any = None
+        #: questions running or waiting; changed only on the event loop's thread, so no lock
+        self.held = 0
 
     async def ask(self, image: MedicalImage, question: str, choices: Sequence[str] | None, max_new_tokens: int) -> str:
         """The model's answer about a 2D image (a choice exactly as given, when choices are given)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._ask, image, question, choices, max_new_tokens)
+        if self.held >= self.max_questions:
+            raise QuestionsFull(f"{self.held} questions are being answered or waiting (one at a time, at most "
+                                f"{self.max_questions} held); ask again in a moment")
+        self.held += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._ask, image, question, choices, max_new_tokens)
+        finally:
+            self.held -= 1
 
     def _ask(self, image: MedicalImage, question: str, choices: Sequence[str] | None, max_new_tokens: int) -> str:
         from medfm.vlm.api import ask, load

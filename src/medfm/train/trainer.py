@@ -42,14 +42,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from medfm.catalog import registry
 from medfm.data.datasets import discover_cases, split_cases
 from medfm.device import resolve_device
 from medfm.errors import CheckpointError, InputFileError, MedfmError
 from medfm.evaluate.metrics import dice
+from medfm.hub import resolve
 from medfm.io.writers import jsonable
 from medfm.progress import progress_bar
 from medfm.safe_load import read_torch_file
-from medfm.segment.model import PRETRAINED, SegmentationModel, load
+from medfm.segment.model import SegmentationModel, load
 from medfm.segment.sam import SamCore
 from medfm.prompts import correction_click as next_correction
 from medfm.train.data import (
@@ -160,12 +162,14 @@ class _Run:
 
 def _base_id(base: str) -> tuple[str, str]:
     """The base as config.json records it (registry name, or absolute folder/file) and a cache identity."""
-    if base in PRETRAINED:
-        return base, f"{base}:{PRETRAINED[base].sha256 or PRETRAINED[base].source}"
-    path = Path(base).resolve()
+    entry = registry.lookup(base, "segment")
+    if entry is not None and entry.weights_kind != "bundled":
+        return base, f"{base}:{entry.sha256 or entry.weights}"
+    # a folder, a file, or a model shipped in the package (whose folder changes when medfm ships new weights)
+    path = resolve(base, entry.weights, None, None) if entry is not None else Path(base).resolve()
     weights = path / "model.safetensors" if path.is_dir() else path
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
-    return str(path), f"{path}:{stamp}"
+    return base if entry is not None else str(path), f"{path}:{stamp}"
 
 
 #: what `Trainer` saves in ``state.pt``, by type

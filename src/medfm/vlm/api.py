@@ -14,14 +14,12 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from medfm.catalog import registry
+from medfm.catalog.registry import ModelEntry
 from medfm.errors import InputFileError, MedfmError, PromptError
 from medfm.io import MedicalImage, read_image
 
-DEFAULT_MODEL = "medfm-experts-smollm2"
-#: published models loaded by name; their weights: ``weights=`` a local folder, or the hub when online
-PUBLISHED = {"llava-med": "microsoft/llava-med-v1.5-mistral-7b"}
-#: every published model `load` takes by name (XrayGPT's weights are not on the hub: ``weights=`` a folder)
-PUBLISHED_NAMES = (*PUBLISHED, "xraygpt", "med-flamingo")
+DEFAULT_MODEL = registry.DEFAULTS["vlm"]
 REPORT_REQUESTS = {
     "dermoscopy": "Describe this skin lesion in a short findings-style report.",
     None: "Write a short findings section of a radiology report for this image.",
@@ -38,39 +36,54 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     ``xraygpt`` or ``med-flamingo`` (``weights=`` a folder of its downloads), or a LLaVA / LLaVA-Med /
     transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
     folder whose tower is not inside it."""
-    from medfm.hub import hub_snapshot
     from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)
-    if name == DEFAULT_MODEL:
-        return _expert_pipeline(device)
-    if name == "xraygpt":
-        return _xraygpt(weights, dtype).to(device)
-    if name == "med-flamingo":
-        return _med_flamingo(weights, dtype).to(device)
-    if name in PUBLISHED:
-        folder = Path(weights) if weights is not None else hub_snapshot(PUBLISHED[name], ("*.json", "*.safetensors", "*.model"))
-        return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
+    entry = registry.lookup(name, "vlm")
+    if entry is not None:
+        return entry.build(weights=weights, vision_tower=vision_tower, device=device, dtype=dtype)
     check_name(name, weights is not None)
     return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
 
 
 def check_name(name: str, has_weights: bool = False) -> None:
-    """`MedfmError` unless `load` can find ``name``: a name it knows (``xraygpt`` and
-    ``med-flamingo`` only with a weights folder) or a LLaVA / transformers llava folder. Cheap: a
-    server checks its ``--ask-model`` with it before it starts."""
+    """`MedfmError` unless `load` can find ``name``: a registered name (one whose weights are not
+    published as one download only with a weights folder) or a LLaVA / transformers llava folder.
+    Cheap: a server checks its ``--ask-model`` with it before it starts."""
     from medfm.vlm.formats import is_llava_folder
 
-    if name == DEFAULT_MODEL or name in PUBLISHED or (name in PUBLISHED_NAMES and has_weights):
+    entry = registry.lookup(name, "vlm")
+    if entry is not None and (entry.weights_kind != "none" or has_weights):
         return
-    if name in PUBLISHED_NAMES:
+    if entry is not None:
         raise MedfmError(f"'{name}' needs a folder of its published downloads (weights=, --weights)")
     if not (Path(name).is_dir() and is_llava_folder(Path(name))):
-        raise MedfmError(f"unknown vision-language model '{name}': not {DEFAULT_MODEL}, {', '.join(PUBLISHED_NAMES)}, "
+        raise MedfmError(f"unknown vision-language model '{name}'{registry.other_family_hint(name, 'vlm')}: not "
+                         f"{', '.join(registry.names('vlm'))}, "
                          "or a LLaVA / transformers llava folder")
 
 
-def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+# -- the builders the registry names (``builder=``) ------------------------------------------------
+
+
+def build_llava(entry: ModelEntry, *, weights: str | PathLike[str] | None = None,
+                vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
+    """A LLaVA-style model: ``weights=`` a local copy of its files, else its folder in the package
+    (``bundled:``) or its hub repository (``hub:``)."""
+    from medfm.hub import hub_snapshot, resolve
+    from medfm.vlm.formats import load_llava_folder
+
+    if weights is not None:
+        folder = Path(weights)
+    elif entry.weights_kind == "bundled":
+        folder = resolve(entry.name, entry.weights, None, None)
+    else:
+        folder = hub_snapshot(entry.weights_location, ("*.json", "*.safetensors", "*.model"))
+    return load_llava_folder(folder, vision_tower=vision_tower, dtype=dtype).to(device)
+
+
+def build_xraygpt(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
+                  device: str = "cpu", dtype: Any = None) -> Model:
     """XrayGPT from a folder holding its three parts as its README names them: the BLIP-2 checkpoint
     (``blip2_pretrained*.pth``), XrayGPT's own ``.pth`` (``llama_proj``), the Vicuna folder, and
     optionally ``eva_vit_g.pth``."""
@@ -78,8 +91,7 @@ def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
 
     folder = Path(weights) if weights is not None else None
     if folder is None or not folder.is_dir():
-        raise MedfmError("xraygpt's weights are spread over three downloads (see its README): put them in one folder "
-                         "and pass weights=FOLDER (blip2_pretrained*.pth, XrayGPT's .pth, the Vicuna folder)")
+        raise MedfmError(entry.weights_location)
     blip2 = sorted(folder.glob("blip2_pretrained*.pth"))
     eva = folder / "eva_vit_g.pth"
     own = [p for p in sorted(folder.glob("*.pth")) if p not in blip2 and p != eva]
@@ -87,10 +99,11 @@ def _xraygpt(weights: str | PathLike[str] | None, dtype: Any) -> Model:
     if len(blip2) != 1 or len(own) != 1 or len(lms) != 1:
         raise InputFileError(folder, f"needs exactly one blip2_pretrained*.pth ({len(blip2)} found), one other .pth "
                              f"(XrayGPT's, {len(own)} found) and one LM folder with config.json ({len(lms)} found)")
-    return load_xraygpt(own[0], blip2[0], lms[0], eva=eva if eva.is_file() else None, dtype=dtype)
+    return load_xraygpt(own[0], blip2[0], lms[0], eva=eva if eva.is_file() else None, dtype=dtype).to(device)
 
 
-def _med_flamingo(weights: str | PathLike[str] | None, dtype: Any) -> Model:
+def build_med_flamingo(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
+                       device: str = "cpu", dtype: Any = None) -> Model:
     """Med-Flamingo from a folder holding its ``model.pt``, the LLaMA-7B folder it was trained on
     and the CLIP ViT-L/14 folder (transformers layout), told apart by their ``config.json``."""
     import json
@@ -99,8 +112,7 @@ def _med_flamingo(weights: str | PathLike[str] | None, dtype: Any) -> Model:
 
     folder = Path(weights) if weights is not None else None
     if folder is None or not (folder / "model.pt").is_file():
-        raise MedfmError("med-flamingo needs weights=FOLDER holding its model.pt (hub: med-flamingo/med-flamingo), the "
-                         "LLaMA-7B folder and openai/clip-vit-large-patch14 (transformers layout)")
+        raise MedfmError(entry.weights_location)
     kinds: dict[str, list[Path]] = {"clip": [], "llama": []}
     for part in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         kind = json.loads((part / "config.json").read_text()).get("model_type")
@@ -108,16 +120,20 @@ def _med_flamingo(weights: str | PathLike[str] | None, dtype: Any) -> Model:
     if len(kinds["clip"]) != 1 or len(kinds["llama"]) != 1:
         raise InputFileError(folder, f"needs one CLIP folder ({len(kinds['clip'])} found) and one LLaMA folder "
                              f"({len(kinds['llama'])} found) beside model.pt")
-    return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype)
+    return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype).to(device)
 
 
-def _expert_pipeline(device: str) -> Model:
+def build_expert_pipeline(entry: ModelEntry, *, weights: object = None, vision_tower: object = None,
+                          device: str = "cpu", dtype: Any = None) -> Model:
+    """The experts-to-text pipeline over the registered models its ``parts:`` name."""
     from medfm.clip import load as load_classifier
     from medfm.lm import load as load_lm
     from medfm.vlm.experts import ExpertPipeline
 
-    return ExpertPipeline(load_classifier("medfm-clip-small", device=device), load_lm("smollm2-135m", device=device),
-                          name=DEFAULT_MODEL)
+    if weights is not None:
+        raise MedfmError(f"'{entry.name}' is built from medfm-clip-small and smollm2-135m: it takes no weights=")
+    classifier, lm = entry.weights_location.split("+")
+    return ExpertPipeline(load_classifier(classifier, device=device), load_lm(lm, device=device), name=entry.name)
 
 
 @functools.lru_cache(maxsize=2)
