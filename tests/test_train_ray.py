@@ -18,6 +18,7 @@ from medfm.errors import MedfmError, MissingDependencyError, OptionError
 from medfm.train import Recipe, TrainConfig
 from medfm.train.ray_engine import train_on_ray
 from medfm.train.trainer import Trainer
+from tests.test_cli import run_medfm
 from tests.test_train_recipes import write_tiny_base, write_tiny_dataset
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need pip install 'medfm[ray]'")
@@ -65,7 +66,7 @@ def test_a_killed_worker_restarts_from_the_last_epoch_and_trains_what_one_proces
     ours, theirs = load_file(out / "last" / "model.safetensors"), load_file(reference.last / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0, msg=key)
+        torch.testing.assert_close(ours[key], theirs[key], atol=2e-4, rtol=0, msg=key)  # training moves them 3e-3
     assert json.loads((out / "metrics.json").read_text())["history"] == result.history
 
 
@@ -83,3 +84,14 @@ def test_without_ray_train_says_how_to_install(setup, tmp_path, monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "ray.train.torch", None)
     with pytest.raises(MissingDependencyError, match=r"medfm train --engine ray .*pip install 'medfm\[ray\]'"):
         train_on_ray(_config(setup, tmp_path / "run", batch_size=1))
+
+
+def test_the_cli_refuses_ray_options_without_ray_in_one_line(setup, tmp_path, monkeypatch) -> None:
+    base, data = setup
+    command = ["train", "--recipe", "decoder", "--base", str(base), "--data", str(data), "-o", str(tmp_path / "run")]
+    local = run_medfm(*command, "--workers", "2")
+    assert local.returncode == 2 and "--engine ray" in local.stderr and len(local.stderr.splitlines()) == 1, local.stderr
+    monkeypatch.setitem(sys.modules, "ray.train.torch", None)
+    missing = run_medfm(*command, "--engine", "ray", "--workers", "2")
+    assert missing.returncode == 2 and "pip install 'medfm[ray]'" in missing.stderr, missing.stderr
+    assert not (tmp_path / "run").exists()

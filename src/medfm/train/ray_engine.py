@@ -53,8 +53,8 @@ def train_on_ray(
     """Train ``config`` with ``workers`` Ray Train processes (``gpus_per_worker`` GPUs and
     ``cpus_per_worker`` CPUs each) and return rank 0's result. ``log`` gets rank 0's lines in its
     worker process (a module-level function, so it pickles; default: print them, which Ray shows
-    on the driver's terminal). A run that fails in a worker
-    is restarted from its last epoch up to ``max_failures`` times."""
+    on the driver's terminal). A run that fails in a worker is restarted from its last epoch up to
+    ``max_failures`` times; a `MedfmError` a worker raised (bad data) is raised here as it was."""
     if workers < 1 or max_failures < 0:
         raise OptionError(f"workers must be >= 1 and max failures >= 0, not {workers} and {max_failures}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
@@ -67,10 +67,13 @@ def train_on_ray(
     config = _absolute(config)
     if not config.resume and (config.out / STATE_NAME).exists():
         raise MedfmError(f"{config.out} already holds a run: pass --resume to continue it, or another output folder")
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-    with ray_session(address, FEATURE):
+    # Ray Train's own processes log at INFO/WARNING (and, without Ray's dashboard, warn every few
+    # seconds that its state API is unavailable): errors only, so the run's lines (printed) stand out
+    with ray_session(address, FEATURE, logging_config=ray.LoggingConfig(log_level="ERROR")):
         trainer = ray_torch.TorchTrainer(
             _train_worker,
             train_loop_config={"config": config, "log": log or _print_line},
