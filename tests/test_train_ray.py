@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medfm.errors import MedfmError, MissingDependencyError, OptionError
+from medfm.errors import InputFileError, MedfmError, MissingDependencyError, OptionError
 from medfm.train import Recipe, TrainConfig
 from medfm.train.ray_engine import train_on_ray
 from medfm.train.trainer import Trainer
@@ -70,12 +70,17 @@ def test_a_killed_worker_restarts_from_the_last_epoch_and_trains_what_one_proces
     assert json.loads((out / "metrics.json").read_text())["history"] == result.history
 
 
-def test_a_folder_holding_a_run_needs_resume_before_ray_starts(setup, tmp_path) -> None:
+def test_mistakes_are_said_before_ray_train_starts(setup, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "state.pt").write_bytes(b"")
     with pytest.raises(MedfmError, match="already holds a run: pass --resume"):
         train_on_ray(_config(setup, out, batch_size=1))
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    with pytest.raises(InputFileError, match="holds no images"):
+        train_on_ray(dataclasses.replace(_config(setup, tmp_path / "other", batch_size=1), data=empty))
     with pytest.raises(OptionError, match="device follows --gpus-per-worker"):
         train_on_ray(dataclasses.replace(_config(setup, tmp_path / "other", batch_size=1), device="cuda"))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medfm.batch.engines import import_ray, ray_session
+from medfm.data.datasets import discover_cases
 from medfm.errors import MedfmError, MissingDependencyError, OptionError
 from medfm.train.trainer import STATE_NAME, TrainConfig, TrainResult, train
 
@@ -67,6 +68,9 @@ def train_on_ray(
     config = _absolute(config)
     if not config.resume and (config.out / STATE_NAME).exists():
         raise MedfmError(f"{config.out} already holds a run: pass --resume to continue it, or another output folder")
+    for folder in (config.data, config.val):  # a wrong data folder is said here, not after Ray has started
+        if folder is not None:
+            discover_cases(folder, config.datasets, config.limit_per_dataset)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
@@ -98,7 +102,10 @@ def _train_worker(loop_config: dict) -> None:
     config: TrainConfig = loop_config["config"]
     device = str(ray.train.torch.get_device())
     config = replace(config, device=device, resume=config.resume or (config.out / STATE_NAME).exists())
-    train(config, loop_config["log"])
+    try:
+        train(config, loop_config["log"])
+    except MedfmError as error:  # its subclasses take other arguments than their message: they do not unpickle
+        raise MedfmError(str(error)) from None
 
 
 def _print_line(text: str) -> None:
