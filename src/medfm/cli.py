@@ -285,10 +285,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, augmentation and prompts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CUDA with bf16).")] = None,
-    loader_workers: Annotated[int, typer.Option(help="Data-loading worker processes (per training process).")] = 0,
+    workers: Annotated[int, typer.Option("--loader-workers", help="Data-loading worker processes (per training process).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output after its last finished epoch.")] = False,
     engine: Annotated[str, typer.Option(help="local (this process; torchrun for several) or ray (Ray Train; pip install 'medfm[ray]').")] = "local",
-    workers: Annotated[int, typer.Option(help="Ray: training processes (torch.distributed ranks), 1 with --engine local.")] = 1,
+    ray_workers: Annotated[int, typer.Option("--workers", help="Ray: training processes (torch.distributed ranks), 1 with --engine local.")] = 1,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per training process (0: CPU, gloo).")] = 0.0,
     max_failures: Annotated[int, typer.Option(help="Ray: restart the workers this many times after a failure, from the last epoch.")] = 0,
@@ -297,8 +297,8 @@ def train(
     check_outputs({"--output": (out, "folder")}, {"--data": data, "--val": val, "--base": base})
     from medfm.batch.engines import check_engine
 
-    check_engine(engine, workers, "medfm train --engine ray")  # before any model loads
-    if engine == "local" and workers != 1:
+    check_engine(engine, ray_workers, "medfm train --engine ray")  # before any model loads
+    if engine == "local" and ray_workers != 1:
         raise medfm.OptionError("--workers N runs N processes on Ray (--engine ray); locally use torchrun, "
                                 "and --loader-workers for data loading")
     from medfm.train import Recipe, TrainConfig, train as run_training
@@ -312,12 +312,12 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
         box_jitter=box_jitter, augment=augment, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
-        workers=loader_workers, resume=resume, progress=True,
+        workers=workers, resume=resume, progress=True,
     )
     if engine == "ray":
         from medfm.train.ray_engine import train_on_ray
 
-        result = train_on_ray(config, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
+        result = train_on_ray(config, workers=ray_workers, address=address, gpus_per_worker=gpus_per_worker,
                               max_failures=max_failures, log=_say)
     else:
         result = run_training(config, log=_say)
