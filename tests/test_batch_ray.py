@@ -103,18 +103,66 @@ def test_a_killed_worker_is_replaced_and_every_case_is_reported_once(tiny_folder
     assert all(Path(row["output"]).is_file() for row in rows)
 
 
-def test_evaluate_on_ray_gives_the_local_engines_rows_in_case_order(seg_data, tiny_folder) -> None:
+def _report_without_times(folder: Path) -> tuple[str, list[dict], dict]:
+    """``report.html``, ``cases.csv`` and ``summary.json`` of an evaluation without what timing gives."""
+    import csv
+    import json
+    import re
+
+    html = re.sub(r"Time: [^<]*?re-segmenting the gallery\)", "Time: -", (folder / "report.html").read_text())
+    with open(folder / "cases.csv", newline="") as handle:
+        cases = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+    summary = json.loads((folder / "summary.json").read_text())
+    return html, cases, {k: v for k, v in summary.items() if not k.endswith("seconds")}
+
+
+def test_evaluate_on_ray_gives_the_local_engines_rows_and_report(seg_data, tiny_folder, tmp_path) -> None:
     from medfm.data.datasets import discover_cases
+    from medfm.evaluate.report import write_outputs
     from medfm.evaluate.runner import evaluate
 
     cases = [case for name in ("busi_breast_ultrasound", "brain_mri_t1_aseg_slices")
              for case in discover_cases(seg_data, datasets=[name], limit_per_dataset=2 if name.startswith("busi") else 1)]
     model = load(tiny_folder)
     local = evaluate([model], cases, prompt=["box", "points:2"])
-    on_ray = evaluate([model], cases, prompt=["box", "points:2"], engine="ray", workers=2)
+    on_ray = evaluate([model], cases, prompt=["box", "points:2"], engine="ray", workers=2, progress=True)
     assert len({row.case for row in local.rows}) == 3 and len(local.rows) > 3
     assert on_ray.cases == local.cases
     assert [(r.dataset, r.case, r.label, r.prompt, r.note) for r in on_ray.rows] == \
         [(r.dataset, r.case, r.label, r.prompt, r.note) for r in local.rows]
     for ours, theirs in zip(on_ray.rows, local.rows):
         assert abs(ours.dice - theirs.dice) <= 1e-6 and abs(ours.iou - theirs.iou) <= 1e-6
+    for name, evaluation in (("local", local), ("ray", on_ray)):
+        write_outputs(evaluation, tmp_path / name, {model.name: model}, ["box", "points:2"])
+    ours, theirs = _report_without_times(tmp_path / "ray"), _report_without_times(tmp_path / "local")
+    assert "Time: -" in ours[0] and "data:image/png;base64," in ours[0]
+    assert ours == theirs  # the same tables, plots (PNG bytes) and gallery, cases.csv and summary.json
+
+
+class _DiesOnItsProcesssSecondImage(Predictor):
+    """Kills its worker process at the second image that process encodes, once per test."""
+
+    marker: Path
+    images = 0  # per process: each worker unpickles the class anew
+
+    def set_image(self, *args, **kwargs) -> None:
+        type(self).images += 1
+        if type(self).images == 2 and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        super().set_image(*args, **kwargs)
+
+
+def test_a_killed_evaluation_actor_is_restarted_and_every_target_is_reported_once(seg_data, tiny_folder, tmp_path) -> None:
+    from medfm.data.datasets import discover_cases
+    from medfm.evaluate.runner import evaluate
+
+    cases = discover_cases(seg_data, datasets=["busi_breast_ultrasound"], limit_per_dataset=3)
+    marker = tmp_path / "killed"
+    dying = load(tiny_folder)
+    dying.predictor = functools.partial(type("Dies", (_DiesOnItsProcesssSecondImage,), {"marker": marker}), dying)
+    on_ray = evaluate([dying], cases, engine="ray", workers=1)
+    assert marker.exists(), "the actor was not killed: the test proved nothing"
+    local = evaluate([load(tiny_folder)], cases)
+    assert [(r.case, r.label, r.prompt, r.dice) for r in on_ray.rows] == [(r.case, r.label, r.prompt, r.dice) for r in local.rows]
+    assert len({(r.case, r.label) for r in on_ray.rows}) == len(on_ray.rows) >= 3

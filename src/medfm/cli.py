@@ -288,11 +288,22 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, augmentation and prompts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CUDA with bf16).")] = None,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    workers: Annotated[int, typer.Option("--loader-workers", help="Data-loading worker processes (per training process).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output after its last finished epoch.")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process; torchrun for several) or ray (Ray Train; pip install 'medfm[ray]').")] = "local",
+    ray_workers: Annotated[int, typer.Option("--workers", help="Ray: training processes (torch.distributed ranks), 1 with --engine local.")] = 1,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per training process (0: CPU, gloo).")] = 0.0,
+    max_failures: Annotated[int, typer.Option(help="Ray: restart the workers this many times after a failure, from the last epoch.")] = 0,
 ) -> None:
     """Adapt a SAM-family model to your data with one of the survey's recipes (see medfm.train)."""
     check_outputs({"--output": (out, "folder")}, {"--data": data, "--val": val, "--base": base})
+    from medfm.batch.engines import check_engine
+
+    check_engine(engine, ray_workers, "medfm train --engine ray")  # before any model loads
+    if engine == "local" and ray_workers != 1:
+        raise medfm.OptionError("--workers N runs N processes on Ray (--engine ray); locally use torchrun, "
+                                "and --loader-workers for data loading")
     from medfm.train import Recipe, TrainConfig, train as run_training
 
     recipe_spec = Recipe(recipe, lora_rank=lora_rank, lora_alpha=lora_alpha, adapter_ratio=adapter_ratio,
@@ -307,7 +318,13 @@ def train(
         box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
         workers=workers, resume=resume, progress=True,
     )
-    result = run_training(config, log=_say)
+    if engine == "ray":
+        from medfm.train.ray_engine import train_on_ray
+
+        result = train_on_ray(config, workers=ray_workers, address=address, gpus_per_worker=gpus_per_worker,
+                              max_failures=max_failures, log=_say)
+    else:
+        result = run_training(config, log=_say)
     _say(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)")
 
 

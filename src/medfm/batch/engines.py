@@ -212,13 +212,14 @@ def import_ray(feature: str = "--engine ray") -> Any:
 
 
 @contextmanager
-def ray_session(address: str | None = None, feature: str = "--engine ray") -> Iterator[Any]:
+def ray_session(address: str | None = None, feature: str = "--engine ray", **options: Any) -> Iterator[Any]:
     """``ray``, joined to ``address`` (``auto``, ``ray://HOST:PORT``) or to a local Ray started here
-    when none is running, and shut down on leaving if this call started it."""
+    when none is running (``options`` go to ``ray.init``), and shut down on leaving if this call
+    started it."""
     ray = import_ray(feature)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(include_dashboard=False) if address is None else ray.init(address=address)
+        ray.init(include_dashboard=False, **options) if address is None else ray.init(address=address, **options)
     try:
         yield ray
     finally:

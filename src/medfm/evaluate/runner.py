@@ -89,8 +89,9 @@ def evaluate(
     validation split) with simulated prompts of each ``prompt`` mode (one image embedding serves all
     modes and all targets of an image). ``slice_step``: 3D cases segment every k-th slice and
     interpolate between (see `segment_volume`). ``engine="ray"`` spreads the cases over ``workers``
-    Ray actors (on the cluster at ``address``, or a local Ray) that load the models once each; the
-    rows come back in case order, as the local engine gives them."""
+    Ray actors (on the cluster at ``address``, or a local Ray) that load the models once each (a
+    killed one is restarted and its case redone); the rows come back in case order, as the local
+    engine gives them."""
     check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
     check_engine(engine, workers, EVALUATE_ON_RAY)  # before any work
     settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step)
@@ -108,7 +109,7 @@ def evaluate(
                 evaluation.rows += evaluate_case(loaded, owners, case, settings)
                 advance()
     else:
-        evaluation.rows = _evaluate_on_ray(loaded, cases, settings, address, workers)
+        evaluation.rows = _evaluate_on_ray(loaded, cases, settings, address, workers, progress)
     evaluation.seconds = time.perf_counter() - started
     return evaluation
 
@@ -141,30 +142,40 @@ def evaluate_case(models: Sequence[SegmentationModel], owners: Sequence[int], ca
     return rows
 
 
+#: how often a killed evaluation actor is restarted, and a case it was on retried on the new one
+RAY_RETRIES = 3
+
+
 class _CaseEvaluator:
     """A Ray actor holding the models (loaded once) that evaluates the cases it is handed."""
 
     def __init__(self, models: list[SegmentationModel], settings: CaseSettings) -> None:
         self.models, self.owners, self.settings = models, encoder_owners(models), settings
 
-    def evaluate(self, cases: list[Case]) -> list[CaseResult]:
-        return [row for case in cases for row in evaluate_case(self.models, self.owners, case, self.settings)]
+    def evaluate(self, case: Case) -> list[CaseResult]:
+        return evaluate_case(self.models, self.owners, case, self.settings)
 
 
 def _evaluate_on_ray(models: list[SegmentationModel], cases: list[Case], settings: CaseSettings, address: str | None,
-                     workers: int) -> list[CaseResult]:
-    """The rows of every case from ``workers`` actors, each given a run of consecutive cases, in case order."""
+                     workers: int, progress: bool) -> list[CaseResult]:
+    """The rows of every case from ``workers`` actors, a case a call (the free actor takes the next),
+    in case order. A killed actor is restarted and its case retried (`RAY_RETRIES` times), so every
+    case is reported once."""
     if not cases:
         return []
-    with ray_session(address, "medfm evaluate --engine ray") as ray:
+    with ray_session(address, EVALUATE_ON_RAY) as ray:
         from ray.util import ActorPool
 
         shared = ray.put(models)
-        actors = [ray.remote(num_cpus=1)(_CaseEvaluator).remote(shared, settings) for _ in range(min(workers, len(cases)))]
-        chunk = max(1, math.ceil(len(cases) / (4 * len(actors))))  # a few chunks per actor: the faster ones take more
-        chunks = [cases[start:start + chunk] for start in range(0, len(cases), chunk)]
-        pool = ActorPool(actors)
-        return [row for rows in pool.map(lambda actor, part: actor.evaluate.remote(part), chunks) for row in rows]
+        actor = ray.remote(num_cpus=1, max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)(_CaseEvaluator)
+        pool = ActorPool([actor.remote(shared, settings) for _ in range(min(workers, len(cases)))])
+        rows: list[CaseResult] = []
+        with progress_bar(progress, len(cases), f"evaluating cases on {min(workers, len(cases))} Ray worker(s)") as advance:
+            for case_rows in pool.map_unordered(lambda evaluator, case: evaluator.evaluate.remote(case), cases):
+                rows += case_rows
+                advance()
+    position = {(case.dataset, case.case_id): index for index, case in enumerate(cases)}
+    return sorted(rows, key=lambda row: position[(row.dataset, row.case)])  # stable: a case's rows keep their order
 
 
 def _row(model: SegmentationModel, case: Case, label: int, prompt: str, metrics: dict, seconds: float, **extra) -> CaseResult:
