@@ -140,7 +140,9 @@ def test_fast_decoder_equals_the_plain_decoder_for_every_prompt_kind(arch: str) 
         decoder.chunk_size = 1
         one_by_one = decoder.decode(cache, boxes=p["boxes"])[0]
         decoder.chunk_size = 8
-        assert_close(decoder.decode(cache, boxes=p["boxes"])[0], one_by_one, msg="chunks")
+        # a batch of 8 and a batch of 1 take different matmul kernels (AMX tiles on Intel CPUs with
+        # AMX), which sum in another order: 1.06e-5 of the largest logit measured on one, so 1e-4
+        assert_close(decoder.decode(cache, boxes=p["boxes"])[0], one_by_one, rel=1e-4, msg="chunks")
 
 
 def test_thread_count_is_restored_and_does_not_change_results(tiny) -> None:
