@@ -220,7 +220,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="A dataset folder, a collection with manifest.json, or nnU-Net raw.")],
     out: Annotated[Path, typer.Option(help="Folder for cases.csv, summary.json and report.html.")],
     model: Annotated[Optional[list[str]], typer.Option(help="Registry name or model folder; repeat to compare.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="box, box-jitter, points:K or points:K+N (negatives); repeatable.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="box, box-jitter, points:K, points:K+N (negatives) or iterative:K (a box, then K correction clicks); repeatable.")] = None,
     uncertainty: Annotated[bool, typer.Option(help="SAM-U: 20 jittered boxes per target, uncertainty statistics.")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
@@ -238,6 +238,10 @@ def evaluate(
 
     check_outputs({"--out": (out, "folder")}, {"--data": data, **{f"--model {m}": m for m in model or []}})
     check_engine(engine, workers, EVALUATE_ON_RAY)  # before any model loads
+    from medfm.evaluate.simulate import check_mode
+
+    for mode in prompt or []:
+        check_mode(mode)  # an unknown --prompt is one line, before any model loads
     from medfm.segment.model import DEFAULT_MODEL, load
 
     models = {m.name: m for m in (load(name) for name in (model or [DEFAULT_MODEL]))}
