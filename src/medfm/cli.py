@@ -267,6 +267,7 @@ def train(
     min_val_cases: Annotated[int, typer.Option(help="Hold out at least this many cases per dataset (at most half of it).")] = 0,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
+    split_limit: Annotated[Optional[int], typer.Option(help="After the split, at most this many cases per dataset on each side (a quick run; the held-out cases stay those of the full split).")] = None,
     slices_per_volume: Annotated[int, typer.Option(help="Foreground slices taken from each 3D volume (evenly spaced).")] = 8,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -316,7 +317,7 @@ def train(
     config = TrainConfig(
         base=base, data=data, out=out, recipe=recipe_spec, val=val, validation_fraction=val_fraction,
         min_validation_cases=min_val_cases, datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit,
-        slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
+        split_limit=split_limit, slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
         box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,

@@ -84,6 +84,7 @@ class TrainConfig:
     min_validation_cases: int = 0  #: per dataset, at most half of it (see `split_cases`)
     datasets: tuple[str, ...] | None = None
     limit_per_dataset: int | None = None
+    split_limit: int | None = None  #: after the split, at most this many cases per dataset on each side (quick runs)
     slices_per_volume: int | None = 8
     epochs: int = 10
     max_steps: int | None = None  #: optimizer steps over the whole run
@@ -159,6 +160,18 @@ class _Run:
         tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+
+def _first_per_dataset(cases: list, count: int) -> list:
+    """The first ``count`` cases of each dataset, in order: a quick run on part of a split that does
+    not move which cases are held out (``limit_per_dataset`` before the split would)."""
+    seen: dict[str, int] = {}
+    kept = []
+    for case in cases:
+        if seen.get(case.dataset, 0) < count:
+            seen[case.dataset] = seen.get(case.dataset, 0) + 1
+            kept.append(case)
+    return kept
 
 
 def _base_id(base: str) -> tuple[str, str]:
@@ -360,6 +373,8 @@ class Trainer:
             train_cases, val_cases = cases, discover_cases(config.val, config.datasets, config.limit_per_dataset)
         else:
             train_cases, val_cases = split_cases(cases, config.validation_fraction, config.seed, config.min_validation_cases)
+        if config.split_limit is not None:  # the held-out cases stay the ones the full split holds out
+            train_cases, val_cases = _first_per_dataset(train_cases, config.split_limit), _first_per_dataset(val_cases, config.split_limit)
         train_refs = sample_refs(train_cases, config.slices_per_volume)
         val_refs = sample_refs(val_cases, config.slices_per_volume)
         if not train_refs:
