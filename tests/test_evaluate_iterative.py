@@ -16,7 +16,7 @@ from medfm.evaluate.simulate import check_mode, iterative_clicks, simulate_promp
 from medfm.prompts import Box, correction_click
 from medfm.train.trainer import largest_error_clicks
 from tests.test_cli import run_medfm
-from tests.test_predictor import needs_litemedsam
+from tests.test_predictor import needs_litemedsam, tiny_model  # noqa: F401 - fixture
 
 
 def test_the_click_lands_in_the_largest_error_region_with_its_sign() -> None:
@@ -84,7 +84,9 @@ def _passes(clicks: int) -> tuple[list, np.ndarray]:
     predictor, truth = _predictor(), _disk_image()[1]
     box = Box.from_mask(truth)
     loose = Box(box.x0, box.y0, box.x1 + 60, box.y1)  # the box takes in the bar: errors to correct
-    return correct_iteratively(predictor, loose, truth, clicks), truth
+    passes, clicks_placed = correct_iteratively(predictor, loose, truth, clicks)
+    assert clicks_placed is not None and len(clicks_placed.coords) == len(passes) - 1
+    return passes, truth
 
 
 @needs_litemedsam
@@ -103,3 +105,14 @@ def test_corrections_never_lower_dice_on_an_easy_case() -> None:
     passes, truth = _passes(3)
     scores = [dice(p.masks[0], truth) for p in passes]
     assert all(later >= earlier - 1e-3 for earlier, later in zip(scores, scores[1:])), scores
+
+
+def test_iterative_rows_and_report_on_a_real_case(seg_data, tiny_model, tmp_path) -> None:  # noqa: F811 - fixture
+    from medfm.evaluate.report import write_outputs
+
+    evaluation = evaluate([tiny_model], seg_data, datasets=["busi_breast_ultrasound"], limit_per_dataset=1,
+                          prompt=["box", "iterative:2"])
+    by_mode = {mode: [r for r in evaluation.rows if r.prompt == mode] for mode in ("box", "iterative:2")}
+    assert by_mode["box"] and len(by_mode["iterative:2"]) == len(by_mode["box"])
+    paths = write_outputs(evaluation, tmp_path, {"tiny": tiny_model}, ["box", "iterative:2"])
+    assert "iterative:2" in paths["report"].read_text()

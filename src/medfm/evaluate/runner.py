@@ -28,7 +28,7 @@ from medfm.io import read_image
 from medfm.io.readers import PHOTO_SUFFIXES
 from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
-from medfm.prompts import Box, Box3D, correction_click
+from medfm.prompts import Box, Box3D, Points, correction_click
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.uncertainty import error_detection_auc, predict_with_uncertainty, sam_u_boxes
@@ -239,7 +239,7 @@ def _evaluate_image(
             for simulated in prompts:
                 started = time.perf_counter()
                 truth = reference == simulated.label
-                final = correct_iteratively(predictor, simulated.box, truth, clicks)[-1]
+                final = correct_iteratively(predictor, simulated.box, truth, clicks)[0][-1]
                 seconds = encode_seconds / len(prompts) + time.perf_counter() - started
                 rows.append(_row(model, case, simulated.label, mode,
                                  segmentation_metrics(final.masks[0], truth, image.spacing, tolerance_mm), seconds,
@@ -267,12 +267,14 @@ def _evaluate_image(
     return rows, shared
 
 
-def correct_iteratively(predictor: Predictor, box: Box, truth: np.ndarray, clicks: int) -> list[Prediction]:
+def correct_iteratively(predictor: Predictor, box: Box, truth: np.ndarray, clicks: int
+                        ) -> tuple[list[Prediction], Points | None]:
     """Interactive correction as an annotator does it: the box, then ``clicks`` more passes, each adding
     a click on the largest error region of the current mask (`medfm.prompts.correction_click`:
     positive in a missed region, negative in a false one) with the previous low-res logits as
     ``mask_input``. Stops early once the mask equals ``truth``. -> the prediction of every pass
-    (the first is the box alone); needs ``predictor.set_image`` (or ``use_embedding``) first."""
+    (the first is the box alone) and the clicks placed (None without any); needs
+    ``predictor.set_image`` (or ``use_embedding``) first."""
     prediction = predictor.predict(boxes=[box])
     passes = [prediction]
     coords: list[tuple[float, float]] = []
@@ -287,7 +289,7 @@ def correct_iteratively(predictor: Predictor, box: Box, truth: np.ndarray, click
         prediction = predictor.predict(boxes=[box], points=np.array([coords]), point_labels=np.array([labels]),
                                        mask_input=prediction)
         passes.append(prediction)
-    return passes
+    return passes, Points(np.array(coords), np.array(labels)) if coords else None
 
 
 def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed, tolerance_mm, encode_seconds) -> CaseResult:  # noqa: ANN001
