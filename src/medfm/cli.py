@@ -220,7 +220,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="A dataset folder, a collection with manifest.json, or nnU-Net raw.")],
     out: Annotated[Path, typer.Option(help="Folder for cases.csv, summary.json and report.html.")],
     model: Annotated[Optional[list[str]], typer.Option(help="Registry name or model folder; repeat to compare.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="box, box-jitter, points:K or points:K+N (negatives); repeatable.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="box, box-jitter, points:K, points:K+N (negatives) or iterative:K (a box, then K correction clicks); repeatable.")] = None,
     uncertainty: Annotated[bool, typer.Option(help="SAM-U: 20 jittered boxes per target, uncertainty statistics.")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
@@ -238,6 +238,10 @@ def evaluate(
 
     check_outputs({"--out": (out, "folder")}, {"--data": data, **{f"--model {m}": m for m in model or []}})
     check_engine(engine, workers, EVALUATE_ON_RAY)  # before any model loads
+    from medfm.evaluate.simulate import check_mode
+
+    for mode in prompt or []:
+        check_mode(mode)  # an unknown --prompt is one line, before any model loads
     from medfm.segment.model import DEFAULT_MODEL, load
 
     models = {m.name: m for m in (load(name) for name in (model or [DEFAULT_MODEL]))}
@@ -263,6 +267,7 @@ def train(
     min_val_cases: Annotated[int, typer.Option(help="Hold out at least this many cases per dataset (at most half of it).")] = 0,
     dataset: Annotated[Optional[list[str]], typer.Option(help="Only these datasets of a collection; repeatable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many cases per dataset.")] = None,
+    split_limit: Annotated[Optional[int], typer.Option(help="After the split, at most this many cases per dataset on each side (a quick run; the held-out cases stay those of the full split).")] = None,
     slices_per_volume: Annotated[int, typer.Option(help="Foreground slices taken from each 3D volume (evenly spaced).")] = 8,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -312,7 +317,7 @@ def train(
     config = TrainConfig(
         base=base, data=data, out=out, recipe=recipe_spec, val=val, validation_fraction=val_fraction,
         min_validation_cases=min_val_cases, datasets=tuple(dataset) if dataset else None, limit_per_dataset=limit,
-        slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
+        split_limit=split_limit, slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
         box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 import medfm
-from medfm.evaluate.runner import METRICS, CaseResult, Evaluation, rows_as_dicts, run_name, summarize
-from medfm.evaluate.simulate import simulate_prompts
+from medfm.evaluate.runner import METRICS, CaseResult, Evaluation, correct_iteratively, rows_as_dicts, run_name, summarize
+from medfm.evaluate.simulate import iterative_clicks, simulate_prompts
 from medfm.io import read_image
 from medfm.io.writers import atomic_path
 from medfm.preprocess import to_uint8_rgb
@@ -250,12 +250,17 @@ def _overlay_png(case, row: CaseResult, model: SegmentationModel, seed: int) -> 
     simulated = next(p for p in simulate_prompts(reference, mode, seed=seed) if p.label == row.label)
     predictor = model.predictor()
     predictor.set_image(image)
-    prediction = predictor.predict(
-        boxes=None if simulated.box is None else [simulated.box],
-        points=None if simulated.points is None else simulated.points.coords[None],
-        point_labels=None if simulated.points is None else simulated.points.labels[None],
-    )
     truth = reference == row.label
+    points = simulated.points
+    if iterative_clicks(mode) is not None:  # the mask after the corrections, with the clicks that made it
+        passes, points = correct_iteratively(predictor, simulated.box, truth, iterative_clicks(mode))
+        prediction = passes[-1]
+    else:
+        prediction = predictor.predict(
+            boxes=None if simulated.box is None else [simulated.box],
+            points=None if points is None else points.coords[None],
+            point_labels=None if points is None else points.labels[None],
+        )
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 3.2))
     for axis in axes:
         axis.imshow(to_uint8_rgb(image.array, None, image.modality))
@@ -264,8 +269,8 @@ def _overlay_png(case, row: CaseResult, model: SegmentationModel, seed: int) -> 
         if simulated.box is not None:
             box = simulated.box
             axis.add_patch(Rectangle((box.x0, box.y0), box.x1 - box.x0, box.y1 - box.y0, fill=False, edgecolor="yellow", linewidth=1))
-        if simulated.points is not None:
-            for (x, y), label in zip(simulated.points.coords, simulated.points.labels):
+        if points is not None:
+            for (x, y), label in zip(points.coords, points.labels):
                 axis.plot(x, y, "o", color="cyan" if label else "magenta", markersize=4)
         axis.set_axis_off()
     (x0, y0, x1, y1) = crop_window(truth | prediction.masks[0], simulated.box, truth.shape)

@@ -1,7 +1,8 @@
 """The evaluation runner behind ``medfm evaluate``: every case, every target, every model, one table.
 
 For each 2D case the image is encoded once per model and all of its simulated prompts go through
-the decoder in one batch; 3D cases are segmented from their 3D boxes by propagation. Each row of
+the decoder in one batch (``iterative:K``: a box, then K correction clicks, one decoder pass each,
+see `correct_iteratively`); 3D cases are segmented from their 3D boxes by propagation. Each row of
 the result is one (model, case, target) with Dice, IoU, NSD and HD95 (spacing-aware) and the time
 it took; a target whose prompt makes no sense (a box around scattered or thin structures) carries a
 note and is kept out of the averages instead of passing silently into them.
@@ -21,14 +22,15 @@ import torch
 from medfm.batch.engines import check_engine, ray_session
 from medfm.data.datasets import Case, discover_cases
 from medfm.evaluate.metrics import segmentation_metrics
-from medfm.evaluate.simulate import simulate_prompts
+from medfm.evaluate.simulate import check_mode, iterative_clicks, simulate_prompts
 from medfm.intensity import window_for_target
 from medfm.io import read_image
 from medfm.io.readers import PHOTO_SUFFIXES
 from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
-from medfm.prompts import Box3D
+from medfm.prompts import Box, Box3D, Points, correction_click
 from medfm.segment.model import SegmentationModel, load
+from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.uncertainty import error_detection_auc, predict_with_uncertainty, sam_u_boxes
 from medfm.segment.volume import VolumePrompt, check_slice_step, segment_volume
 
@@ -95,6 +97,8 @@ def evaluate(
     check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
     check_engine(engine, workers, EVALUATE_ON_RAY)  # before any work
     settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step)
+    for mode in settings.modes:
+        check_mode(mode)  # one line for a mode it does not know, before any model loads
     if isinstance(data, (str, Path)):
         cases = discover_cases(data, datasets=datasets, limit_per_dataset=limit_per_dataset)
     else:
@@ -230,6 +234,17 @@ def _evaluate_image(
     encode_seconds = shared.seconds
     rows = []
     for mode, prompts in simulated_by_mode.items():
+        clicks = iterative_clicks(mode)
+        if clicks is not None:
+            for simulated in prompts:
+                started = time.perf_counter()
+                truth = reference == simulated.label
+                final = correct_iteratively(predictor, simulated.box, truth, clicks)[0][-1]
+                seconds = encode_seconds / len(prompts) + time.perf_counter() - started
+                rows.append(_row(model, case, simulated.label, mode,
+                                 segmentation_metrics(final.masks[0], truth, image.spacing, tolerance_mm), seconds,
+                                 note=simulated.note))
+            continue
         if uncertainty:
             rows += [_sam_u_row(model, case, predictor, simulated, reference, image, mode, seed, tolerance_mm, encode_seconds)
                      for simulated in prompts]
@@ -250,6 +265,31 @@ def _evaluate_image(
             for simulated, mask in zip(prompts, prediction.masks)
         ]
     return rows, shared
+
+
+def correct_iteratively(predictor: Predictor, box: Box, truth: np.ndarray, clicks: int
+                        ) -> tuple[list[Prediction], Points | None]:
+    """Interactive correction as an annotator does it: the box, then ``clicks`` more passes, each adding
+    a click on the largest error region of the current mask (`medfm.prompts.correction_click`:
+    positive in a missed region, negative in a false one) with the previous low-res logits as
+    ``mask_input``. Stops early once the mask equals ``truth``. -> the prediction of every pass
+    (the first is the box alone) and the clicks placed (None without any); needs
+    ``predictor.set_image`` (or ``use_embedding``) first."""
+    prediction = predictor.predict(boxes=[box])
+    passes = [prediction]
+    coords: list[tuple[float, float]] = []
+    labels: list[int] = []
+    for _ in range(clicks):
+        click = correction_click(prediction.masks[0], truth)
+        if click is None:
+            break
+        row, col, label = click
+        coords.append((float(col), float(row)))
+        labels.append(label)
+        prediction = predictor.predict(boxes=[box], points=np.array([coords]), point_labels=np.array([labels]),
+                                       mask_input=prediction)
+        passes.append(prediction)
+    return passes, Points(np.array(coords), np.array(labels)) if coords else None
 
 
 def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed, tolerance_mm, encode_seconds) -> CaseResult:  # noqa: ANN001

@@ -2,7 +2,10 @@
 
 The evaluation protocol of the survey's visually prompted models: a tight box per class (or per
 connected component), a jittered box (corners shifted as in MedSAM-style training), or K clicks
-inside the target, the first at its centre-most pixel, optionally with N negative clicks around it.
+inside the target, the first at its centre-most pixel, optionally with N negative clicks around it;
+or interactive correction (``iterative:K``): the tight box, then K clicks, each placed by
+`medfm.prompts.correction_click` on the largest error of the mask the model gave so far (the
+evaluation runs that loop; this module gives its starting box and parses the mode).
 
 Every prompt is drawn from its own random generator, seeded by ``(seed, label, component)``, so
 the same ``(mask, mode, seed)`` always gives the same prompts and adding a label to the mask does
@@ -21,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from medfm.errors import OptionError
 from medfm.prompts import Box, Points, jitter_box
 
-__all__ = ["MODES", "SimulatedPrompt", "simulate_prompts"]
+__all__ = ["MODES", "SimulatedPrompt", "check_mode", "iterative_clicks", "simulate_prompts"]
 
-MODES = ("box", "box-jitter", "points:K", "points:K+N")
+MODES = ("box", "box-jitter", "points:K", "points:K+N", "iterative:K")
 
 #: A box is questionable when the target fills less than this share of it ...
 THIN_FILL = 0.10
@@ -40,6 +44,22 @@ NEGATIVE_MARGIN = 0.10
 # vessel is one structure, not hundreds).
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 _POINTS = re.compile(r"points:(\d+)(?:\+(\d+))?")
+_ITERATIVE = re.compile(r"iterative:(\d+)")
+
+
+def iterative_clicks(mode: str) -> int | None:
+    """``"iterative:K"`` -> K (the correction clicks after the box); None for every other mode."""
+    match = _ITERATIVE.fullmatch(mode) if isinstance(mode, str) else None
+    return int(match.group(1)) if match else None
+
+
+def check_mode(mode: str) -> None:
+    """Raise `OptionError` with one line for a prompt mode `simulate_prompts` does not know (before
+    any model loads)."""
+    try:
+        _parse_mode(mode)
+    except ValueError as error:
+        raise OptionError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ def simulate_prompts(
       maximum of its distance transform, the image border counting as boundary; among equal
       maxima, the one nearest their mean), the others random target pixels (away from the
       boundary where the target has such pixels), without repetition while there are enough.
+    - ``"iterative:K"``: the tight box, as ``"box"`` (the K correction clicks depend on the model's
+      masks: `medfm.evaluate.runner` places them with `medfm.prompts.correction_click`).
     - ``"points:K+N"``: the same K positives, then N negative clicks on pixels not of the target's
       label (other classes count as background) inside the target's box grown by 10% on each side,
       or anywhere outside the label when that box holds none.
@@ -128,14 +150,15 @@ def simulate_prompts(
 
 
 def _parse_mode(mode: str) -> tuple[int | None, int]:
-    """``"box"``/``"box-jitter"`` -> (None, 0); ``"points:K+N"`` -> (K, N)."""
-    if mode in ("box", "box-jitter"):
+    """``"box"``/``"box-jitter"``/``"iterative:K"`` -> (None, 0); ``"points:K+N"`` -> (K, N)."""
+    if mode in ("box", "box-jitter") or iterative_clicks(mode) is not None:
         return None, 0
     match = _POINTS.fullmatch(mode) if isinstance(mode, str) else None
     if match is None or int(match.group(1)) < 1:
         raise ValueError(
             f"unknown prompt mode {mode!r}; modes: 'box', 'box-jitter', 'points:K' (K >= 1 positive clicks, "
-            "e.g. 'points:1') and 'points:K+N' (K positive + N negative clicks, e.g. 'points:1+1')"
+            "e.g. 'points:1'), 'points:K+N' (K positive + N negative clicks, e.g. 'points:1+1') and 'iterative:K' "
+            "(a box, then K correction clicks on the largest error, e.g. 'iterative:5')"
         )
     return int(match.group(1)), int(match.group(2) or 0)
 

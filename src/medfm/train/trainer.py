@@ -5,8 +5,9 @@
   optional bf16 autocast (default: on for CUDA devices that support it, off on the CPU).
 - loss: Dice + BCE on the low-res logits (4E x 4E, the model-input frame) + ``iou_weight`` x the MSE
   of the IoU head against the IoU the mask actually reached. Prompts: a jittered box, iterative
-  clicks (a first click on the target, then ``click_iterations`` corrections on the error region,
-  each pass fed the previous logits as mask prompt, losses averaged), none (autoprompt), or mixed
+  clicks (a first click on the target, then ``click_iterations`` corrections, each on the centre of
+  the largest error region as ``medfm evaluate --prompt iterative:K`` places them, each pass fed
+  the previous logits as mask prompt, losses averaged), none (autoprompt), or mixed
   (SAM-Med2D style, one kind per batch, drawn from (seed, epoch, batch)): a box; 1-5 clicks, positive
   and negative; a box plus 1-5 clicks; or iterative correction: a box or one click, then 1 to
   ``click_iterations`` clicks each on the largest error region (`medfm.prompts.correction_click`)
@@ -83,6 +84,7 @@ class TrainConfig:
     min_validation_cases: int = 0  #: per dataset, at most half of it (see `split_cases`)
     datasets: tuple[str, ...] | None = None
     limit_per_dataset: int | None = None
+    split_limit: int | None = None  #: after the split, at most this many cases per dataset on each side (quick runs)
     slices_per_volume: int | None = 8
     epochs: int = 10
     max_steps: int | None = None  #: optimizer steps over the whole run
@@ -160,6 +162,18 @@ class _Run:
         return tensor.tolist()
 
 
+def _first_per_dataset(cases: list, count: int) -> list:
+    """The first ``count`` cases of each dataset, in order: a quick run on part of a split that does
+    not move which cases are held out (``limit_per_dataset`` before the split would)."""
+    seen: dict[str, int] = {}
+    kept = []
+    for case in cases:
+        if seen.get(case.dataset, 0) < count:
+            seen[case.dataset] = seen.get(case.dataset, 0) + 1
+            kept.append(case)
+    return kept
+
+
 def _base_id(base: str) -> tuple[str, str]:
     """The base as config.json records it (registry name, or absolute folder/file) and a cache identity."""
     entry = registry.lookup(base, "segment")
@@ -232,20 +246,6 @@ def _dice_sum(logits: Tensor, target: Tensor) -> float:
     the thresholded logits against the target; both (B, 1, L, L)."""
     predicted, truth = (logits[:, 0] > 0).cpu().numpy(), (target[:, 0] > 0.5).cpu().numpy()
     return sum(dice(mask, reference) for mask, reference in zip(predicted, truth))
-
-
-def correction_click(logits: Tensor, target: Tensor, image_size: int, generator: torch.Generator | None = None
-                     ) -> tuple[Tensor, Tensor]:
-    """A click per row on a random pixel of the error region (anywhere if none): positive where the
-    target was missed, negative where the mask overshoots. -> points (B, 1, 2), labels (B, 1)."""
-    wrong = ((logits[:, 0] > 0) != (target[:, 0] > 0.5)).flatten(1).float()
-    side = logits.shape[-1]
-    index = torch.multinomial((wrong + 1e-6).cpu(), 1, generator=generator).to(logits.device)[:, 0]
-    rows, cols = index // side, index % side
-    labels = target[:, 0].flatten(1).gather(1, index[:, None]).round().long()
-    scale = image_size / side
-    points = torch.stack([(cols + 0.5) * scale, (rows + 0.5) * scale], dim=-1)[:, None].float()
-    return points, labels
 
 
 def largest_error_clicks(logits: Tensor, target: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
@@ -323,7 +323,7 @@ def predict(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor], mode
         outputs.append(network.decode(embeddings, points=points, point_labels=labels, mask_input=mask_input))
         if round_ < iterations:
             logits = outputs[-1][0].detach().float()
-            new_points, new_labels = correction_click(logits, target, network.config.image_size, generator)
+            new_points, new_labels = largest_error_clicks(logits, target, network.config.image_size)
             points, labels = torch.cat([points, new_points], 1), torch.cat([labels, new_labels], 1)
             mask_input = logits
     return outputs
@@ -373,6 +373,8 @@ class Trainer:
             train_cases, val_cases = cases, discover_cases(config.val, config.datasets, config.limit_per_dataset)
         else:
             train_cases, val_cases = split_cases(cases, config.validation_fraction, config.seed, config.min_validation_cases)
+        if config.split_limit is not None:  # the held-out cases stay the ones the full split holds out
+            train_cases, val_cases = _first_per_dataset(train_cases, config.split_limit), _first_per_dataset(val_cases, config.split_limit)
         train_refs = sample_refs(train_cases, config.slices_per_volume)
         val_refs = sample_refs(val_cases, config.slices_per_volume)
         if not train_refs:
