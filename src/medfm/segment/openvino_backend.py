@@ -125,11 +125,14 @@ class OpenVINOEncoder:
         self.image_size = image_size
         self.precision = precision
         self.folder = converted_encoder(encoder, image_size, root)
+        threads = int(threads or torch.get_num_threads())
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(self.folder / "compiled")})
+        # one blob cache per precision and thread count: OpenVINO's blob names do not tell them
+        # apart, and a bf16 blob loaded for f32 (or the reverse) crashes or silently changes the masks
+        core.set_property({"CACHE_DIR": str(self.folder / "compiled" / f"{precision}-{threads}t")})
         config = {
             "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
-            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
         self.compiled = core.compile_model(core.read_model(self.folder / IR_NAME), "CPU", config)
