@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -58,7 +59,11 @@ def onnxruntime_encoders(encoder: torch.nn.Module, size: int, threads: int, fold
                               input_names=["pixels"], output_names=["embedding"])
         except Exception:  # noqa: BLE001 - any exporter failure: try the other
             torch.onnx.export(encoder, example, str(path), dynamo=True, input_names=["pixels"], output_names=["embedding"])
-        quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8)
+        logging.disable(logging.WARNING)  # one warning per shape-only tensor it leaves in float32
+        try:
+            quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
     runners = {}
     for name, model in (("onnxruntime fp32", path), ("onnxruntime int8 (dynamic)", int8)):
         options = ort.SessionOptions()

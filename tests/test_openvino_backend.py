@@ -5,6 +5,7 @@ install hint without openvino. No timing here (benchmarks/litemedsam_speed.py me
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -34,6 +35,8 @@ from medfm.segment.openvino_backend import (  # noqa: E402 - after the importors
 #: windows 7 on 16 cells and 14 on 8: padded attention windows, as LiteMedSAM's at 256 px
 TINY_TINYVIT = dict(embed_dims=(16, 24, 32, 40), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_sizes=(7, 7, 14, 7))
 BOX = "215 107 265 132"
+#: the user's cache, which the real-model test keeps using (the tiny tests get their own)
+USER_MEDFM_HOME = os.environ.get("MEDFM_HOME")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,10 @@ def test_real_litemedsam_masks_hold_on_shared_images(seg_data, monkeypatch) -> N
     from medfm.evaluate.metrics import dice
     from tests.test_predictor import needs_litemedsam  # noqa: F401 - the weights come with the package
 
-    monkeypatch.delenv("MEDFM_HOME")
+    if USER_MEDFM_HOME is None:
+        monkeypatch.delenv("MEDFM_HOME")
+    else:
+        monkeypatch.setenv("MEDFM_HOME", USER_MEDFM_HOME)
     model = medfm.load()
     predictors = {backend: model.predictor(backend=backend) for backend in ("torch", "openvino")}
     checked = 0
