@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def medfm_worker(level: str, cases: list[dict], threads: int, repeats: int) -> N
         name=level,
         label=LEVELS[level]["label"],
         torch=torch.__version__ + ("" if "backend" not in options else
-                                   f", openvino {__import__('openvino').__version__}"),
+                                   f", openvino {__import__('openvino').__version__.split('-')[0]}"),
         threads=torch.get_num_threads(),
         load_s=load_s,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -352,7 +353,7 @@ def print_table(rows: list[dict], reference: dict | None, meta: dict) -> None:
         f"LiteMedSAM on the CPU: {meta['images']} images from {meta['datasets']} datasets, {meta['cpu']}, "
         f"torch threads {meta['threads']}; medians over images, warm-up excluded"
     )
-    labels = [f"{row['label']} [torch {row['torch'].split('+')[0]}]" for row in rows]
+    labels = [f"{row['label']} [torch {re.sub(r'[+]cpu', '', row['torch'])}]" for row in rows]  # keeps ", openvino X"
     width = max(len(label) for label in labels + ["speed-up over the reference"])
     widths = [max(len(header), len(unit)) + 2 for _, header, unit, _ in COLUMNS]
     print(" " * width + "".join(f"{header:>{w}}" for (_, header, _, _), w in zip(COLUMNS, widths)))
