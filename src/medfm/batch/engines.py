@@ -70,12 +70,16 @@ def segment_batch(
     cpus_per_worker: float = 1.0,
     retry_errors: bool = False,
     progress: bool = False,
+    backend: str = "torch",
 ) -> BatchSummary:
     """Segment every case of a prompts file (one JSON object a line, see `medfm.batch.cases`) into
     ``out``, with one row a case in ``out/results.jsonl``; resumable (a rerun skips the cases whose
     input, prompt and model are unchanged and whose mask is there; ``retry_errors`` redoes failed
     ones). ``address``: ``auto`` or ``ray://HOST:PORT`` to join a cluster (default: a local Ray)."""
     check_engine(engine, workers, "medfm segment-batch --engine ray")
+    from medfm.segment.openvino_backend import check_backend
+
+    check_backend(backend)  # an unknown backend or a missing openvino: before anything loads
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise OptionError("gpus per worker must be >= 0 and cpus per worker > 0")
     check_outputs({"--out": (out, "folder")}, {"--prompts": prompts})  # before any work, nothing created
@@ -97,12 +101,13 @@ def segment_batch(
         item.status = "skipped" if is_done(previous, case.id, item.digest, retry_errors) else "error"
         report(item)
     groups = group_by_image([case for case in cases if case.error is None])
-    loaded = load_model(model)
+    loaded = load_model(model, backend=backend)
     fingerprint = model_fingerprint(loaded)
     if engine == "local":
         finished = _run_local(groups, loaded, previous, fingerprint, retry_errors, progress)
     else:
-        finished = _run_ray(groups, model, previous, fingerprint, retry_errors, address, workers, gpus_per_worker, cpus_per_worker)
+        finished = _run_ray(groups, model, previous, fingerprint, retry_errors, address, workers, gpus_per_worker, cpus_per_worker,
+                            backend)
     for work in finished:
         for item in work.cases:
             report(item)
@@ -111,13 +116,15 @@ def segment_batch(
     return BatchSummary(counts["ok"], counts["error"], counts["skipped"], time.perf_counter() - started, log.path)
 
 
-def load_model(model: ModelSource, device: str = "cpu") -> Any:
-    """The `SegmentationModel` a source names, on ``device``."""
+def load_model(model: ModelSource, device: str = "cpu", backend: str = "torch") -> Any:
+    """The `SegmentationModel` a source names, on ``device``, its encoder run by ``backend``."""
     from medfm.segment.model import load
 
     if callable(model):
-        return model().to(device)
-    return load(model, device=device)
+        loaded = model().to(device)
+        loaded.backend = backend
+        return loaded
+    return load(model, device=device, backend=backend)
 
 
 def model_fingerprint(network: Any) -> str:
@@ -160,8 +167,8 @@ class _ModelActor:
 
     stage: Callable[[ImageWork, Any], ImageWork]
 
-    def __init__(self, model: ModelSource) -> None:
-        self.model, self.predictor = model, None
+    def __init__(self, model: ModelSource, backend: str = "torch") -> None:
+        self.model, self.backend, self.predictor = model, backend, None
 
     def __call__(self, row: dict[str, bytes]) -> dict[str, bytes]:
         work = _unpack(row)
@@ -170,7 +177,7 @@ class _ModelActor:
         if self.predictor is None:
             import torch
 
-            self.predictor = load_model(self.model, "cuda" if torch.cuda.is_available() else "cpu").predictor()
+            self.predictor = load_model(self.model, "cuda" if torch.cuda.is_available() else "cpu", self.backend).predictor()
         return _pack(type(self).stage(work, self.predictor))
 
 
@@ -228,7 +235,8 @@ def ray_session(address: str | None = None, feature: str = "--engine ray", **opt
 
 
 def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fingerprint: str, retry_errors: bool,
-             address: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Iterator[ImageWork]:
+             address: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+             backend: str = "torch") -> Iterator[ImageWork]:
     if not groups:
         return
     with ray_session(address) as ray:
@@ -238,7 +246,7 @@ def _run_ray(groups: list[ImageWork], model: ModelSource, previous: Mapping, fin
         dataset = ray.data.from_items([_pack(work) for work in groups], override_num_blocks=len(groups))
         dataset = dataset.map(_read_row, fn_kwargs={"previous": dict(previous), "fingerprint": fingerprint,
                                                     "retry_errors": retry_errors}, num_cpus=light, compute=io_pool)
-        dataset = dataset.map(_Encoder, fn_constructor_kwargs={"model": model}, compute=ray.data.ActorPoolStrategy(size=workers),
+        dataset = dataset.map(_Encoder, fn_constructor_kwargs={"model": model, "backend": backend}, compute=ray.data.ActorPoolStrategy(size=workers),
                               num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
         dataset = dataset.map(_Decoder, fn_constructor_kwargs={"model": model}, compute=ray.data.ActorPoolStrategy(size=workers),
                               num_cpus=light)

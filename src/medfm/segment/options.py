@@ -23,3 +23,15 @@ def check_slice_step(slice_step: int) -> None:
     if not isinstance(slice_step, Integral) or slice_step < 1:
         raise OptionError(f"slice step must be a whole number >= 1 (1: every slice; k: every k-th slice, "
                           f"interpolated between), not {slice_step!r}")
+
+
+#: Runtimes that can run the image encoder (`medfm.segment.openvino_backend` for "openvino").
+BACKENDS = ("torch", "openvino")
+
+
+def check_backend_name(backend: str) -> str:
+    """Raise `OptionError` unless ``backend`` is one of `BACKENDS` (whether OpenVINO is installed
+    is `medfm.segment.openvino_backend.check_backend`'s question)."""
+    if backend not in BACKENDS:
+        raise OptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend

@@ -62,9 +62,12 @@ class Predictor:
     all that does not depend on the prompt; same masks as the plain modules (logits within ~1e-4).
     ``precision="bf16"`` (opt-in, CPUs with native bfloat16) is faster again and moves logits by
     ~1e-2, so a few boundary pixels may flip. ``optimize=False`` runs the plain modules.
+    ``backend="openvino"`` (default: the model's, see `medfm.load`) runs the image encoder on
+    OpenVINO's CPU runtime (`medfm.segment.openvino_backend`); the decoder stays on torch.
     """
 
-    def __init__(self, model: SegmentationModel, *, optimize: bool = True, precision: str = "fp32") -> None:
+    def __init__(self, model: SegmentationModel, *, optimize: bool = True, precision: str = "fp32",
+                 backend: str | None = None) -> None:
         from medfm.segment.fast import InferenceEngine, check_precision
 
         check_precision(precision)
@@ -72,6 +75,13 @@ class Predictor:
             raise ValueError(f"precision {precision!r} needs optimize=True")
         self.model = model
         self.engine = InferenceEngine(model.network, precision) if optimize else None
+        self.backend = getattr(model, "backend", "torch") if backend is None else backend
+        self._openvino = None
+        if self.backend != "torch":
+            from medfm.segment.openvino_backend import EncoderBackend, check_backend
+
+            check_backend(self.backend)
+            self._openvino = EncoderBackend(model.network, precision)
         self.embedding: torch.Tensor | None = None
         self.geometry: Geometry | None = None
         self._values_cache: tuple[np.ndarray, IntensityPreset | None, np.ndarray | SliceValues] | None = None
@@ -100,6 +110,8 @@ class Predictor:
                 self.engine.prepare(self.embedding)  # the decoder's per-image cache, once
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._openvino is not None and pixels.device.type == "cpu":
+            return self._openvino(pixels)
         return self.model.network.encode(pixels) if self.engine is None else self.engine.encode(pixels)
 
     def encode_slices(

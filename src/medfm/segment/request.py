@@ -20,7 +20,7 @@ from medfm.io.checks import DEFAULT_MAX_BYTES
 from medfm.io.image import MedicalImage
 from medfm.io.outputs import check_outputs
 from medfm.prompts import Box, Box3D, Points
-from medfm.segment.options import check_precision_name, check_slice_step
+from medfm.segment.options import check_backend_name, check_precision_name, check_slice_step
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class SegmentRequest:
     precision: str = "fp32"
     frame: int | None = None  #: one frame of a multi-frame DICOM
     max_bytes: int = DEFAULT_MAX_BYTES  #: the largest pixel data the input may declare
+    backend: str = "torch"  #: what runs the image encoder (`medfm.segment.options.BACKENDS`)
 
     @property
     def is_volume(self) -> bool:
@@ -66,6 +67,11 @@ class SegmentRequest:
     def check(self) -> None:
         """Raise a medfm error for any option, prompt or output path that cannot work; reads nothing."""
         self.check_prompts()
+        check_backend_name(self.backend)
+        if self.backend != "torch":  # only another backend needs its package to be looked for
+            from medfm.segment.openvino_backend import check_backend
+
+            check_backend(self.backend)
         if self.device.strip().lower() != "cpu":  # only another device needs torch to be asked
             from medfm.device import resolve_device
 

@@ -220,7 +220,7 @@ def run_request(request: SegmentRequest, *, progress: bool = False) -> SegmentOu
         if clash:
             raise PromptError(f"--box3d labels 1..{len(request.boxes3d)} and --boxes-from labels {sorted(clash)} collide; "
                               "give one or the other")
-    model = load(request.model, weights=request.weights, device=request.device)
+    model = load(request.model, weights=request.weights, device=request.device, backend=request.backend)
     if request.is_volume:
         return _run_volume(request, image, model, [] if coarse is None else from_labels, reference, progress)
     result = segment(image, request.boxes, request.points, slice_index=request.slice_index, model=model,
