@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from medfm.errors import CheckpointError, MedfmError, OptionError
+from medfm.catalog import registry
+from medfm.errors import CheckpointError, MedfmError, OptionError, PromptError
 from medfm.io.writers import atomic_path, jsonable, write_model_folder
 from medfm.lm import LanguageModel
 from medfm.lm import load as load_lm
@@ -347,11 +348,15 @@ def _validate(lm: LanguageModel, model: torch.nn.Module, val_set: Sequence[Seque
     view = LanguageModel(model, lm.tokenizer, lm.name, lm.prompt_format, lm.card)
     right: dict[str, list[int]] = {}
     for item in questions:
-        right.setdefault(item.dataset, []).append(int(answer(view, item, Strategy("zero-shot")).prediction == item.answer))
+        try:
+            prediction = answer(view, item, Strategy("zero-shot")).prediction
+        except PromptError:  # over the context length: not scored, as the harness skips it
+            continue
+        right.setdefault(item.dataset, []).append(int(prediction == item.answer))
     by_dataset = {name: sum(values) / len(values) for name, values in right.items()}
     model.train()
     return {"val_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "val_accuracy": sum(map(sum, right.values())) / len(questions) if questions else None,
+            "val_accuracy": sum(map(sum, right.values())) / sum(map(len, right.values())) if right else None,
             "val_accuracy_by_dataset": by_dataset, "val_n_by_dataset": {name: len(v) for name, v in right.items()}}
 
 
@@ -377,7 +382,9 @@ def _save_model(config: LMTrainConfig, lm: LanguageModel, model: torch.nn.Module
                 "val_accuracy": record["val_accuracy"], "val_accuracy_by_dataset": record["val_accuracy_by_dataset"]}
     if config.lora:
         tensors, scales = lora_delta(model)
-        base = config.base if Path(config.base).expanduser().exists() is False else str(Path(config.base).expanduser().resolve())
+        path = Path(config.base).expanduser()
+        # a registry name or hub id as given; a folder or file made absolute, so the delta loads from anywhere
+        base = str(path.resolve()) if registry.lookup(config.base, "lm") is None and path.exists() else config.base
         delta = {"kind": "lora", "base": base, "prompt_format": lm.prompt_format.name, "rank": config.lora_rank,
                  "scales": scales}
         write_model_folder(folder, {DELTA_KEY: delta, "training": training}, tensors)
