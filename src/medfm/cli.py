@@ -340,6 +340,39 @@ def train(
     _say(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)")
 
 
+@app.command("train-lm")
+def train_lm(
+    recipe: Annotated[str, typer.Option(help="continue (causal-LM training on medical text) or instruct (question -> answer, loss on the answer).")],
+    base: Annotated[str, typer.Option(help="Base language model: registry name, transformers folder, hub id or .gguf file.")],
+    data: Annotated[list[Path], typer.Option(help="A folder of reports (reports.jsonl) or questions (the layouts of medfm qa); repeatable.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: best/, last/, state.pt, metrics.json.")],
+    lora: Annotated[bool, typer.Option("--lora/--no-lora", help="Train LoRA adapters (a small delta folder) or the whole model.")] = True,
+    val_fraction: Annotated[float, typer.Option(help="Share of each dataset held out for validation (by id or content hash).")] = 0.2,
+    val_items: Annotated[int, typer.Option(help="Validation questions (and texts) per dataset scored after each epoch.")] = 100,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    budget_minutes: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; linear warm-up, cosine decay).")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Longest sequence in tokens (instruct skips longer items, continue cuts texts).")] = 512,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of LoRA initialisation and data order.")] = 0,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CPUs with AMX-bf16 and CUDA with bf16).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its state.pt.")] = False,
+) -> None:
+    """Adapt a language model to medicine with PMC-LLaMA's recipe (see medfm.train.lm)."""
+    check_outputs({"--output": (out, "folder")}, {f"--data {folder}": folder for folder in data} | {"--base": Path(base)})
+    from medfm.train.lm import LMTrainConfig, fit_causal_lm
+
+    config = LMTrainConfig(
+        recipe=recipe, base=base, data=tuple(data), out=out, lora=lora, val_fraction=val_fraction, val_items=val_items,
+        epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes, lr=lr, batch_size=batch_size,
+        max_length=max_length, lora_rank=lora_rank, seed=seed, bf16=bf16, resume=resume, progress=_ON_TERMINAL,
+    )
+    result = fit_causal_lm(config, log=_say)
+    _say(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)")
+
+
 @app.command()
 def blend(
     run: Annotated[Path, typer.Argument(help="A model folder written by medfm train (full or decoder recipe), e.g. RUN/best.")],

@@ -7,7 +7,10 @@
   ``weights_only``) and a tokenizer;
 * a Hugging Face hub id (offline: only the hub cache);
 * a ``.gguf`` file. Its quantised weights are dequantised to float32 once (about 20 s for SmolLM2)
-  and kept as safetensors in medfm's cache, keyed by the file's SHA-256, so later loads are fast.
+  and kept as safetensors in medfm's cache, keyed by the file's SHA-256, so later loads are fast;
+* a LoRA delta folder written by ``medfm train-lm`` (``config.json`` with a `DELTA_KEY` section naming
+  the base, ``model.safetensors`` with each adapted layer's ``lora_A``/``lora_B``): the base is
+  loaded as above and the deltas merged into its weights, so it runs at the base's speed.
 
 The prompt format is the registry entry's, else the tokenizer's chat template, else plain
 question/answer text; ``prompt_format=`` overrides it.
@@ -15,6 +18,7 @@ question/answer text; ``prompt_format=`` overrides it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +34,8 @@ from medfm.lm.model import LanguageModel
 from medfm.lm.prompting import PromptFormat, prompt_format as named_format
 
 DEFAULT_LM = registry.DEFAULTS["lm"]
+#: the ``config.json`` section that makes a folder a LoRA delta over a base LM (``medfm train-lm``)
+DELTA_KEY = "medfm_lm_delta"
 TOKENIZER_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "vocab*", "merges*", "*.bpe")
 
 
@@ -56,7 +62,8 @@ def load(
     if weights is not None:
         raise MedfmError(f"weights= goes with a registry name ({', '.join(available_lms())}), not with '{text}'")
     model, tokenizer = _load_source(text, text)
-    return _ready(model, tokenizer, text, prompt_format, None, device, dtype)
+    delta = _delta_config(Path(text).expanduser())
+    return _ready(model, tokenizer, text, prompt_format or (delta or {}).get("prompt_format"), None, device, dtype)
 
 
 def build_registered(
@@ -100,7 +107,8 @@ def _load_source(source: str, name: str) -> tuple[object, object]:
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     if path.is_dir():
-        return _load_folder(path, source)
+        delta = _delta_config(path)
+        return _load_delta(path, delta) if delta is not None else _load_folder(path, source)
     if path.exists():
         raise CheckpointError(path, "is neither a .gguf file nor a transformers model folder")
     if HUB_ID.fullmatch(source):
@@ -108,6 +116,52 @@ def _load_source(source: str, name: str) -> tuple[object, object]:
     raise MedfmError(f"unknown language model '{source}'{registry.other_family_hint(source, 'lm')}: not a registry "
                      f"name ({', '.join(available_lms())}), "
                      "an existing folder or .gguf file, or a hub id owner/name")
+
+
+def _delta_config(folder: Path) -> dict | None:
+    """The delta section of a LoRA delta folder's config.json, None for any other path."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # not medfm's: the transformers loader gives its own error
+    delta = config.get(DELTA_KEY) if isinstance(config, dict) else None
+    if delta is None:
+        return None
+    if not isinstance(delta, dict) or not isinstance(delta.get("base"), str) or not isinstance(delta.get("scales"), dict):
+        raise CheckpointError(config_file, f"its '{DELTA_KEY}' section needs a base and the scales of its layers")
+    return delta
+
+
+def _load_delta(folder: Path, delta: dict) -> tuple[object, object]:
+    """The delta's base with ``W += scale * B @ A`` merged into each adapted layer (weights checked
+    against the SHA-256 in config.json); a missing base or a layer it lacks is a `CheckpointError`."""
+    from medfm.safe_load import read_folder_weights
+
+    base = delta["base"]
+    if registry.lookup(base, "lm") is None and not Path(base).expanduser().exists() and not HUB_ID.fullmatch(base):
+        raise CheckpointError(folder, f"is a LoRA delta over '{base}', which is neither a registered language model "
+                                      "nor an existing folder or file: put the base back there to load it")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tensors = read_folder_weights(folder, config)
+    base_lm = load(base)
+    modules = dict(base_lm.model.named_modules())
+    with torch.no_grad():
+        for layer, scale in delta["scales"].items():
+            module = modules.get(layer)
+            a, b = tensors.get(f"{layer}.lora_A"), tensors.get(f"{layer}.lora_B")
+            if module is None or a is None or b is None:
+                raise CheckpointError(folder, f"adapts layer '{layer}', which {base} lacks or the weights do not hold")
+            update = (b.float() @ a.float()) * float(scale)
+            weight = module.weight
+            if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layers
+                update = update.T
+            if update.shape != weight.shape:
+                raise CheckpointError(folder, f"layer '{layer}' has shape {tuple(update.shape)}, {base} has {tuple(weight.shape)}")
+            weight += update.to(weight.dtype)
+    return base_lm.model, base_lm.tokenizer
 
 
 def _snapshot(repo_id: str) -> Path:
