@@ -198,7 +198,7 @@ def read_run_state(path: Path) -> dict:
     return state
 
 
-def _schedule(total: int, warmup: float, budget_share: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
+def lr_schedule(total: int, warmup: float, budget_share: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
     """The learning-rate factor at an optimizer step: linear warm-up, then a cosine to 0 at ``total``.
     ``budget_share`` (the share of a time budget spent) moves the run on when it is further along than
     its steps, so a run its budget stops still warms up and decays over that budget."""
@@ -496,7 +496,7 @@ class Trainer:
         started = time.monotonic()  # set again below, once a resumed run's seconds are known
         budget = 60 * config.budget_minutes if config.budget_minutes else None
         spent = (lambda: (time.monotonic() - started) / budget) if budget else (lambda: 0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup, spent))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total, config.warmup, spent))
         start_epoch, step, best, history, seconds = 0, 0, -1.0, [], 0.0
         if self.resume_state is not None:
             state = self.resume_state
