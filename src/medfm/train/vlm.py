@@ -211,7 +211,7 @@ def train_vlm(config: VLMTrainConfig, log: Callable[[str], None] = print) -> VLM
     data = read_vl_data(config.data, config.stage)  # bad data fails before the models load
     torch.manual_seed(config.seed)
     spec, start_state = model_config(config)
-    model = small.build(spec, start_state, source=config.base or "base", merge=False)
+    model = small.build(spec, start_state, source=config.base or "base", merge=False, new_lora=config.stage == 2)
     bf16 = config.bf16 and bf16_supported()
     cache = config.feature_cache or cache_dir() / "vlm-features" / f"{feature_cache_key(spec['encoder'], data.images)}.safetensors"
     features = image_features(model.encoder, model.preprocess, data.images, data.modalities, cache, log)
@@ -275,7 +275,7 @@ def train_vlm(config: VLMTrainConfig, log: Callable[[str], None] = print) -> VLM
             optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0:
                 log(f"stage {config.stage} epoch {epoch + 1} step {step}/{int(total)} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
             if step % config.save_every == 0:

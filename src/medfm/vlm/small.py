@@ -63,10 +63,12 @@ def add_lora(language_model: nn.Module, lora: dict[str, Any]) -> nn.Module:
 
 
 def build(config: dict[str, Any], state: dict[str, Tensor] | None = None, *, source: str | Path = "config",
-          merge: bool = True, language_model: Any = None, encoder: nn.Module | None = None) -> VisionLanguageModel:
+          merge: bool = True, language_model: Any = None, encoder: nn.Module | None = None,
+          new_lora: bool = False) -> VisionLanguageModel:
     """The model ``config`` describes, its trained parts from ``state`` (random when None); the LoRA
     merged into the LM when ``merge`` (inference), else kept as peft adapters (training).
-    ``language_model`` / ``encoder``: already loaded parts to reuse (a `medfm.lm.LanguageModel`)."""
+    ``language_model`` / ``encoder``: already loaded parts to reuse (a `medfm.lm.LanguageModel`);
+    ``new_lora``: the LoRA starts fresh (training stage 2 from a stage-1 folder, which has none)."""
     from medfm.clip.preprocess import ImagePreprocess
     from medfm.lm import load as load_lm
     from medfm.safe_load import load_strict
@@ -96,7 +98,7 @@ def build(config: dict[str, Any], state: dict[str, Tensor] | None = None, *, sou
         load_strict(connector, parts["connector"], source, "connector")
         if config["encoder"]["kind"] not in EXTERNAL_ENCODERS:
             load_strict(encoder, parts["encoder"], source, "encoder")
-        if config.get("lora"):
+        if config.get("lora") and not (new_lora and not parts["lora"]):
             _load_lora(network, parts["lora"], source)
         elif parts["lora"]:
             raise CheckpointError(source, "holds LoRA weights but its config has no lora settings")
