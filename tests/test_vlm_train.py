@@ -129,7 +129,7 @@ def test_bad_data_folder_is_refused_before_the_models_load(tmp_path, lm_folder):
     (bad / "records.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(InputFileError, match="line 1 is not a valid record"):
         train_vlm(_config(1, bad, lm_folder, tmp_path / "out"), log=lambda _: None)
-    with pytest.raises(InputFileError, match="does not exist"):
+    with pytest.raises(InputFileError, match="is not a folder"):
         train_vlm(_config(1, tmp_path / "missing", lm_folder, tmp_path / "out"), log=lambda _: None)
 
 
@@ -148,3 +148,29 @@ def test_shipped_medfm_vlm_small_loads_and_answers():
     picture = medfm.MedicalImage(image, modality="X-ray") if hasattr(medfm, "MedicalImage") else image
     answer = medfm.ask(picture, "Does this chest X-ray show pneumonia?", model, choices=["yes", "no"])
     assert answer in ("yes", "no")
+
+
+def test_batched_choice_scores_equal_one_pass_per_choice(data, lm_folder):
+    """`VisionLanguageModel.score` runs the prompt once and the choices as a batch over its cache:
+    the same log-likelihoods as a full forward pass per choice."""
+    import torch
+
+    from medfm.vlm import small
+    from medfm.vlm.model import continuation_ids
+
+    spec = {"encoder": ENCODER, "preprocess": PREPROCESS, "connector": {"kind": "mlp", "depth": 2},
+            "language_model": str(lm_folder), "lora": None}
+    torch.manual_seed(0)
+    model = small.build(spec)
+    image = next((data / "images").iterdir())
+    question, choices = "Does this chest X-ray show pneumonia?", ["yes", "no", "not sure at all"]
+    batched = model.score([(question, None)], image, choices)
+    prompt = model.prompt_format.render([(question, None)], True, model.tokenizer)
+    with torch.inference_mode():
+        prefix = model.embed(prompt, model.image_tokens(model.pixels(image)))
+        embedding = model.language_model.get_input_embeddings()
+        for choice, score in zip(choices, batched):
+            ids = continuation_ids(model.tokenizer, prompt.split("<image>")[-1], choice)
+            logits = model.logits(torch.cat([prefix, embedding(ids).unsqueeze(0)], dim=1))
+            log_probs = torch.log_softmax(logits[0, prefix.shape[1] - 1 : -1].float(), dim=-1)
+            assert score == pytest.approx(float(log_probs.gather(1, ids.unsqueeze(1)).sum()), abs=1e-4)

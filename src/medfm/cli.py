@@ -342,6 +342,7 @@ def train_vlm(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 stage 1, 3e-4 stage 2).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
     max_answer_tokens: Annotated[int, typer.Option(help="Answers (notes) are cut at this many tokens.")] = 48,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many training images per dataset (features are computed once per image).")] = None,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast where the CPU has native bf16.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its state.pt.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
@@ -352,7 +353,7 @@ def train_vlm(
 
     config = VLMTrainConfig(stage=stage, data=list(data), output=out, base=base, language_model=language_model,
                             epochs=epochs, epoch_size=epoch_size, max_steps=max_steps, budget_minutes=budget_minutes,
-                            lr=lr, batch_size=batch_size, max_answer_tokens=max_answer_tokens, bf16=bf16, resume=resume,
+                            lr=lr, batch_size=batch_size, max_answer_tokens=max_answer_tokens, limit=limit, bf16=bf16, resume=resume,
                             seed=seed)
     result = run_training(config, log=_say)
     _say(f"best: {result.best} (validation loss {result.best_val_loss:.3f})  last: {result.last}  ({result.steps} steps)")

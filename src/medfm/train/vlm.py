@@ -62,6 +62,7 @@ class VLMTrainConfig:
     save_every: int = 50
     name: str = "medfm-vlm"
     feature_cache: Path | None = None
+    limit: int | None = None
 
     def check(self) -> None:
         """Refuse bad settings before anything loads."""
@@ -70,6 +71,8 @@ class VLMTrainConfig:
         for number, what in ((self.epochs, "--epochs"), (self.batch_size, "--batch-size")):
             if number < 1:
                 raise MedfmError(f"{what} must be at least 1, got {number}")
+        if self.limit is not None and self.limit < 1:
+            raise MedfmError(f"--limit must be at least 1, got {self.limit}")
         if self.max_steps is not None and self.max_steps < 1:
             raise MedfmError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
@@ -208,7 +211,7 @@ def train_vlm(config: VLMTrainConfig, log: Callable[[str], None] = print) -> VLM
         raise InputFileError(state_path, "does not exist: nothing to resume (drop --resume to start a new run)")
     if not config.resume and state_path.is_file():
         raise InputFileError(state_path, "exists: pass --resume to continue that run, or choose another -o")
-    data = read_vl_data(config.data, config.stage)  # bad data fails before the models load
+    data = read_vl_data(config.data, config.stage, config.limit)  # bad data fails before the models load
     torch.manual_seed(config.seed)
     spec, start_state = model_config(config)
     model = small.build(spec, start_state, source=config.base or "base", merge=False, new_lora=config.stage == 2)

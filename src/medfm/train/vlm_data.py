@@ -98,21 +98,29 @@ def label_sentence(modality: str, labels: Sequence[str]) -> str:
     return template.format(" and ".join(labels)).capitalize() + "."
 
 
-def read_vl_data(folders: Sequence[str | Path], stage: int) -> VLData:
-    """The images and samples of ``folders`` for ``stage`` (1: pairs, 2: instructions), split by patient."""
+def read_vl_data(folders: Sequence[str | Path], stage: int, limit: int | None = None) -> VLData:
+    """The training and validation images and samples of ``folders`` for ``stage`` (1: pairs, 2:
+    instructions), split by patient; held-out (test) images are left out entirely. ``limit``: at
+    most this many training images per dataset (and a tenth as many, at least 8, for validation),
+    the first in file order."""
     from medfm.clip.data import read_records
     from medfm.vlm.api import REPORT_REQUESTS
 
     images: list[Path] = []
     modalities: list[str] = []
     samples: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+    caps = {"train": limit, "val": None if limit is None else max(8, limit // 10), "test": 0}
     for folder in dataset_folders(folders):
+        taken = {split: 0 for split in SPLITS}
         records = read_records(folder.parent, folder.name)
         raw = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
         for record, item in zip(records, raw):
             if not record.image.is_file():
                 raise InputFileError(record.image, f"is listed in {folder / 'records.jsonl'} but missing")
             split = split_of(record.dataset, record.group)
+            if caps[split] is not None and taken[split] >= caps[split]:
+                continue
+            taken[split] += 1
             index = len(images)
             images.append(record.image)
             modalities.append(record.modality)
