@@ -59,12 +59,30 @@ def linear_probe(train_x, train_y, classes: int, weight_decay: float = 1e-3):
     return lambda x: (x @ weight.detach() + bias.detach()).argmax(1)
 
 
+def training_embeddings(data_root: Path, model, limit: int):
+    """medfm-clip-small's embeddings of the training images `medfm train-vlm --limit` used, from its
+    feature cache when there is one (the tower's first token is the scaled embedding), else
+    computed: (records by image path, embeddings)."""
+    import torch
+
+    from medfm.hub import cache_dir
+    from medfm.train.vlm_data import feature_cache_key, image_features, read_vl_data
+
+    data = read_vl_data([data_root], 2, limit)
+    cache = cache_dir() / "vlm-features" / f"{feature_cache_key(model.encoder_spec, data.images)}.safetensors"
+    features = image_features(model.encoder, model.preprocess, data.images, data.modalities, cache)
+    embeddings = torch.nn.functional.normalize(features[:, 0].float(), dim=-1)
+    return {path: index for index, path in enumerate(data.images)}, embeddings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=30, help="held-out images per dataset (the first in file order)")
-    parser.add_argument("--probe-images", type=int, default=150, help="training images per dataset for the linear probe")
+    parser.add_argument("--probe-images", type=int, default=150,
+                        help="training images per dataset for the linear probe (train-vlm --limit: its feature cache)")
     parser.add_argument("--vlm", default="medfm-vlm-small", help="registered name or a folder medfm train-vlm wrote")
+    parser.add_argument("--datasets", nargs="+", default=list(QUESTIONS), choices=list(QUESTIONS))
     parser.add_argument("--experts", action="store_true", help="also the experts pipeline (about 9 s per answer here)")
     args = parser.parse_args(argv)
     import torch
@@ -74,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args.vlm)
     clip = model.encoder.clip  # medfm-clip-small, the tower medfm-vlm-small is built on
     pipeline = cached("medfm-experts-smollm2") if args.experts else None
+    index, train_embeddings = training_embeddings(args.data_root, model, args.probe_images)
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
     header = ["dataset", "n", "majority (held-out)", f"{model.name}", f"{model.name}, image removed",
               "medfm-clip-small zero-shot", "medfm-clip-small linear probe", "s per answer (vlm)"]
@@ -81,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         header += ["experts -> SmolLM2", "experts, image removed"]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
-    for dataset, (question, choices, answer_of) in QUESTIONS.items():
+    for dataset in args.datasets:
+        question, choices, answer_of = QUESTIONS[dataset]
         records = read_records(args.data_root, dataset)
         test = [r for r in records if is_held_out(r)][: args.images]
-        train = [r for r in records if not is_held_out(r)][: args.probe_images]
+        train = [r for r in records if r.image in index]
         truth = [answer_of(r) for r in test]
         answers: dict[str, list[str]] = {key: [] for key in ("vlm", "blind", "zero", "experts", "experts_blind")}
         seconds = 0.0
@@ -101,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 answers["experts"].append(medfm.ask(image, question, pipeline, choices=list(choices)))
                 scores = pipeline.language_model.score(pipeline.prompt([(question, None)], None), list(choices))
                 answers["experts_blind"].append(choices[max(range(len(choices)), key=scores.__getitem__)])
-        embed = lambda rs: clip.encode_image([medfm.read_image(r.image, modality=r.modality) for r in rs])  # noqa: E731
         train_y = torch.tensor([choices.index(answer_of(r)) for r in train])
-        predict = linear_probe(embed(train), train_y, len(choices))
-        answers["probe"] = [choices[i] for i in predict(embed(test)).tolist()]
+        predict = linear_probe(train_embeddings[[index[r.image] for r in train]], train_y, len(choices))
+        test_embeddings = clip.encode_image([medfm.read_image(r.image, modality=r.modality) for r in test])
+        answers["probe"] = [choices[i] for i in predict(test_embeddings).tolist()]
         accuracy = lambda given: sum(a == t for a, t in zip(given, truth)) / len(truth)  # noqa: E731
         majority = max(set(truth), key=truth.count)
         row = [dataset, str(len(truth)), f"{accuracy([majority] * len(truth)):.2f} ({majority})",

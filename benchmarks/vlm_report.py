@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20, help="held-out images with a note (the first in file order)")
     parser.add_argument("--vlm", default="medfm-vlm-small", help="registered name or a folder medfm train-vlm wrote")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--limit", type=int, default=150, help="train-vlm --limit (its feature cache gives the neighbours' embeddings)")
     args = parser.parse_args(argv)
     import torch
 
@@ -41,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     clip = model.encoder.clip
     records = [r for r in read_records(args.data_root, "covid_cxr_notes") if r.texts]
     test = [r for r in records if is_held_out(r)][: args.images]
-    train = [r for r in records if not is_held_out(r)]
+    from vlm_closed_questions import training_embeddings
+
+    index, embeddings = training_embeddings(args.data_root, model, args.limit)
+    train = [r for r in records if r.image in index]  # the training images medfm-vlm-small saw (train + val)
+    train_embeddings = embeddings[[index[r.image] for r in train]]
     read = lambda r: medfm.read_image(r.image, modality=r.modality)  # noqa: E731
-    train_embeddings = clip.encode_image([read(r) for r in train])
     references, drafts, neighbours = [], [], []
     first_token, generation, generated_tokens = [], 0.0, 0
     for record in test:

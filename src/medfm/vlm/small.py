@@ -106,6 +106,7 @@ def build(config: dict[str, Any], state: dict[str, Tensor] | None = None, *, sou
         network = network.merge_and_unload()
     model = VisionLanguageModel(config.get("name", "medfm-vlm"), encoder, connector, network, lm.tokenizer, CHATML,
                                 preprocess)
+    model.encoder_spec = dict(config["encoder"])  # what the tower is (a feature cache's key)
     return model.eval()
 
 
