@@ -373,6 +373,37 @@ def train_lm(
     _say(f"best: {result.best}  last: {result.last}  ({result.seconds:.0f} s)")
 
 
+@app.command("train-vlm")
+def train_vlm(
+    stage: Annotated[int, typer.Option(help="1: the connector on image-text pairs; 2: connector + LoRA on instructions.")],
+    data: Annotated[list[Path], typer.Option(help="An image-text collection root or dataset folder (records.jsonl); repeatable.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: best/, last/, state.pt, metrics.json.")],
+    base: Annotated[Optional[Path], typer.Option(help="Start from this run (its best/) or model folder (stage 2: stage 1's).")] = None,
+    language_model: Annotated[str, typer.Option("--lm", help="The frozen LM: a medfm.lm name or folder.")] = "smollm2-135m",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    epoch_size: Annotated[Optional[int], typer.Option(help="Samples per epoch (default: the training samples).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    budget_minutes: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 stage 1, 3e-4 stage 2).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    max_answer_tokens: Annotated[int, typer.Option(help="Answers (notes) are cut at this many tokens.")] = 48,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many training images per dataset (features are computed once per image).")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast where the CPU has native bf16.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its state.pt.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+) -> None:
+    """Train a small LLaVA-style model (frozen medfm-clip-small tower, MLP connector, SmolLM2 + LoRA)."""
+    check_outputs({"--output": (out, "folder")}, {"--base": base, **{f"--data {p}": p for p in data}})
+    from medfm.train.vlm import VLMTrainConfig, train_vlm as run_training
+
+    config = VLMTrainConfig(stage=stage, data=list(data), output=out, base=base, language_model=language_model,
+                            epochs=epochs, epoch_size=epoch_size, max_steps=max_steps, budget_minutes=budget_minutes,
+                            lr=lr, batch_size=batch_size, max_answer_tokens=max_answer_tokens, limit=limit, bf16=bf16, resume=resume,
+                            seed=seed)
+    result = run_training(config, log=_say)
+    _say(f"best: {result.best} (validation loss {result.best_val_loss:.3f})  last: {result.last}  ({result.steps} steps)")
+
+
 @app.command()
 def blend(
     run: Annotated[Path, typer.Argument(help="A model folder written by medfm train (full or decoder recipe), e.g. RUN/best.")],

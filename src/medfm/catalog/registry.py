@@ -226,6 +226,12 @@ ENTRIES: tuple[ModelEntry, ...] = (
         prompts=("text",), offline=True,
     ),
     ModelEntry(
+        "medfm-vlm-small", "vlm", "medfm-vlm-small", "medfm.vlm.small:build_bundled",
+        "bundled:vlm/weights/medfm-vlm-small",
+        "medfm's small LLaVA-style model: frozen medfm-clip-small tower, trained MLP connector, SmolLM2-135M with a trained LoRA",
+        prompts=("text",), offline=True,
+    ),
+    ModelEntry(
         "llava-med", "vlm", "llava-med", f"{_VLM}:build_llava", "hub:microsoft/llava-med-v1.5-mistral-7b",
         "LLaVA-Med v1.5 (Mistral-7B): weights= a local copy of the hub repository, else the hub when online",
         prompts=("text",),

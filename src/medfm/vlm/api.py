@@ -34,7 +34,7 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
     ``xraygpt`` or ``med-flamingo`` (``weights=`` a folder of its downloads), or a LLaVA / LLaVA-Med /
-    transformers llava folder. ``vision_tower``: a local CLIP folder for a LLaVA
+    transformers llava folder, or a folder `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA
     folder whose tower is not inside it."""
     from medfm.vlm.formats import load_llava_folder
 
@@ -43,6 +43,10 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
     if entry is not None:
         return entry.build(weights=weights, vision_tower=vision_tower, device=device, dtype=dtype)
     check_name(name, weights is not None)
+    from medfm.vlm import small
+
+    if small.is_small_vlm_folder(Path(name)):  # a folder `medfm train-vlm` wrote (RUN/best)
+        return small.load(name, dtype=dtype).to(device)
     return load_llava_folder(name, vision_tower=vision_tower, dtype=dtype).to(device)
 
 
@@ -51,16 +55,17 @@ def check_name(name: str, has_weights: bool = False) -> None:
     published as one download only with a weights folder) or a LLaVA / transformers llava folder.
     Cheap: a server checks its ``--ask-model`` with it before it starts."""
     from medfm.vlm.formats import is_llava_folder
+    from medfm.vlm.small import is_small_vlm_folder
 
     entry = registry.lookup(name, "vlm")
     if entry is not None and (entry.weights_kind != "none" or has_weights):
         return
     if entry is not None:
         raise MedfmError(f"'{name}' needs a folder of its published downloads (weights=, --weights)")
-    if not (Path(name).is_dir() and is_llava_folder(Path(name))):
+    if not (Path(name).is_dir() and (is_llava_folder(Path(name)) or is_small_vlm_folder(Path(name)))):
         raise MedfmError(f"unknown vision-language model '{name}'{registry.other_family_hint(name, 'vlm')}: not "
                          f"{', '.join(registry.names('vlm'))}, "
-                         "or a LLaVA / transformers llava folder")
+                         "or a LLaVA / transformers llava folder or one medfm train-vlm wrote")
 
 
 # -- the builders the registry names (``builder=``) ------------------------------------------------

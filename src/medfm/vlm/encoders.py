@@ -8,16 +8,20 @@ sequence of feature tokens ``(B, N, C)`` for a connector. Built from a JSON spec
 * ``blip2-vision``: transformers' ``Blip2VisionModel``: EVA-CLIP ViT-g as BLIP-2 / MiniGPT-4 /
   XrayGPT run it (``ln_vision`` is its ``post_layernorm``), every token;
 * ``litemedsam``: medfm's frozen LiteMedSAM TinyViT (as medfm-clip-small's image tower), its
-  256-channel map average-pooled to ``grid`` x ``grid`` tokens.
+  256-channel map average-pooled to ``grid`` x ``grid`` tokens;
+* ``medfm-clip``: a medfm dual encoder's whole image tower (``clip``: a registered name or folder,
+  e.g. medfm-clip-small): its trained, L2-normalised image embedding (scaled to unit RMS) as the
+  first token, then its backbone's map pooled to ``grid`` x ``grid`` tokens (medfm-vlm-small).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-KINDS = ("clip-vision", "blip2-vision", "litemedsam")
+KINDS = ("clip-vision", "blip2-vision", "litemedsam", "medfm-clip")
 
 
 class ClipPatchEncoder(nn.Module):
@@ -71,6 +75,40 @@ class SamTokenEncoder(nn.Module):
         return self.backbone(pixels).flatten(2).transpose(1, 2)
 
 
+class DualEncoderImageTokens(nn.Module):
+    """A medfm dual encoder's image tower, frozen: ``1 + grid * grid`` tokens (the embedding that
+    was trained against text, which carries the findings, and the pooled feature map for detail)."""
+
+    def __init__(self, clip: str = "medfm-clip-small", grid: int = 2) -> None:
+        super().__init__()
+        from medfm.clip import load
+
+        self.clip = load(clip)
+        self.clip.requires_grad_(False)
+        self.grid = grid
+        self.out_dim = int(self.clip.config["embed_dim"])
+        backbone_dim = getattr(self.clip.image_backbone, "out_dim", None)
+        if backbone_dim != self.out_dim:
+            raise ValueError(f"{clip}: its backbone's {backbone_dim} channels differ from its {self.out_dim}-wide embedding")
+
+    @property
+    def preprocess(self) -> Any:
+        """The dual encoder's own image preprocessing."""
+        return self.clip.preprocess
+
+    def train(self, mode: bool = True) -> DualEncoderImageTokens:
+        """Stays in eval mode: the tower is frozen (its BatchNorm statistics too)."""
+        return super().train(False)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
+        features = self.clip.image_features(pixels)
+        embedding = self.clip.embed_image_features(features) * self.out_dim**0.5
+        grid = F.adaptive_avg_pool2d(features, self.grid).flatten(2).transpose(1, 2)
+        return torch.cat([embedding.unsqueeze(1), grid], dim=1)
+
+
 def build_encoder(spec: dict[str, Any]) -> nn.Module:
     """An image encoder from its spec (see the module docstring)."""
     kind = spec["kind"]
@@ -81,4 +119,6 @@ def build_encoder(spec: dict[str, Any]) -> nn.Module:
         return Blip2VisionEncoder(**options)
     if kind == "litemedsam":
         return SamTokenEncoder(**options)
+    if kind == "medfm-clip":
+        return DualEncoderImageTokens(**options)
     raise ValueError(f"unknown image encoder kind '{kind}' (one of {', '.join(KINDS)})")

@@ -179,19 +179,29 @@ class VisionLanguageModel(nn.Module):
     @torch.inference_mode()
     def score(self, turns: Turns, image: ImageLike | None, continuations: Sequence[str]) -> list[float]:
         """The log-likelihood of each continuation as the model's reply to the last turn (written as
-        the prompt format writes answers, e.g. after a space)."""
+        the prompt format writes answers, e.g. after a space). The prompt (image included) runs
+        once; its key/value cache is repeated for a right-padded batch of the continuations."""
         prompt = self.prompt_format.render(turns, image is not None, self.tokenizer)
         tokens = None if image is None else self.image_tokens(self.pixels(image))
         prefix = self.embed(prompt, tokens)
         tail = prompt.split(self.prompt_format.placeholder)[-1]
-        embedding = self.language_model.get_input_embeddings()
         opening = self.prompt_format.answer_opening
-        scores = []
-        for continuation in continuations:
-            ids = continuation_ids(self.tokenizer, tail, opening + continuation).to(self.device)
-            embeds = torch.cat([prefix, embedding(ids).unsqueeze(0)], dim=1)
-            log_probs = torch.log_softmax(self.logits(embeds)[0, prefix.shape[1] - 1 : -1].float(), dim=-1)
-            scores.append(float(log_probs.gather(1, ids.unsqueeze(1)).sum()))
+        encoded = [continuation_ids(self.tokenizer, tail, opening + continuation).tolist() for continuation in continuations]
+        self._check_context(prefix.shape[1] + max(len(ids) for ids in encoded))
+        output = self.language_model(inputs_embeds=prefix, use_cache=True)
+        first = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
+        scores = [float(first[ids[0]]) for ids in encoded]
+        longest = max(len(ids) for ids in encoded)
+        if longest > 1:
+            cache = output.cache
+            cache.batch_repeat_interleave(len(encoded))
+            pad = encoded[0][0]
+            batch = torch.tensor([ids + [pad] * (longest - len(ids)) for ids in encoded], device=self.device)
+            logits = self.language_model(input_ids=batch[:, :-1], cache=cache).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for row, ids in enumerate(encoded):
+                steps = torch.arange(len(ids) - 1, device=self.device)
+                scores[row] += float(log_probs[row, steps, batch[row, 1 : len(ids)]].sum())
         return scores
 
 
