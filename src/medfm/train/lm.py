@@ -49,7 +49,7 @@ from medfm.qa.datasets import QAItem
 from medfm.qa.strategies import Strategy, answer, question_text
 from medfm.safe_load import read_torch_file
 from medfm.train.lm_data import LMSource, read_sources
-from medfm.train.trainer import lr_schedule
+from medfm.train.trainer import TrainResult, lr_schedule
 
 STATE_NAME = "state.pt"
 #: LoRA targets per layout (others: peft's default for the model type)
@@ -86,17 +86,6 @@ class LMTrainConfig:
     progress: bool = False
 
 
-@dataclass
-class LMTrainResult:
-    """Where the run's models are, and what each validation gave."""
-
-    best: Path
-    last: Path
-    history: list[dict] = field(default_factory=list)
-    trainable_parameters: int = 0
-    seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class Sequence_:
     """One tokenised training example: ``ids`` and the index of its first token that counts in the loss."""
@@ -130,7 +119,7 @@ def _check(config: LMTrainConfig) -> None:
         raise OptionError(f"{config.out}: holds a run already; pass --resume to continue it, or another -o")
 
 
-def fit_causal_lm(config: LMTrainConfig, log: Callable[[str], None] = print) -> LMTrainResult:
+def fit_causal_lm(config: LMTrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``config.recipe`` on ``config.base``; see the module docstring."""
     _check(config)
     sources = read_sources(list(config.data), config.recipe, config.val_fraction)  # before the model loads
@@ -235,7 +224,7 @@ def fit_causal_lm(config: LMTrainConfig, log: Callable[[str], None] = print) -> 
         save_state(epoch, 0)
         _write_metrics(config, history, time.monotonic() - started, sum(p.numel() for p in params))
     seconds = time.monotonic() - started
-    return LMTrainResult(config.out / "best", config.out / "last", history, sum(p.numel() for p in params), seconds)
+    return TrainResult(config.out / "best", config.out / "last", history, sum(p.numel() for p in params), seconds)
 
 
 def _describe(record: dict) -> str:
