@@ -184,3 +184,33 @@ def test_real_litemedsam_masks_hold_on_shared_images(seg_data, monkeypatch) -> N
         assert dice(masks["openvino"], masks["torch"]) >= 0.995, dataset
         checked += 1
     assert checked >= 3
+
+
+def test_train_fills_the_embedding_cache_with_openvino_as_torch_does(tmp_path) -> None:
+    """`medfm train --backend openvino` only encodes the frozen-encoder cache: its entries match the
+    torch-filled ones to float16 rounding, and a recipe that trains the encoder refuses it up front."""
+    from safetensors.torch import load_file
+
+    from medfm.errors import MedfmError
+    from medfm.train import Recipe, TrainConfig
+    from medfm.train.trainer import Trainer
+    from tests.test_train_recipes import write_tiny_base, write_tiny_dataset
+
+    base, data = write_tiny_base(tmp_path / "base"), write_tiny_dataset(tmp_path / "data", images=3)
+    caches = {}
+    for backend in ("torch", "openvino"):
+        caches[backend] = tmp_path / f"cache-{backend}"
+        config = TrainConfig(base=str(base), data=data, out=tmp_path / f"run-{backend}", recipe=Recipe("decoder"),
+                             epochs=1, max_steps=1, batch_size=2, validation_fraction=0.3,
+                             cache_embeddings=caches[backend], backend=backend)
+        Trainer(config, lambda text: None).fit()
+    names = sorted(p.name for p in caches["torch"].iterdir())
+    assert names and names == sorted(p.name for p in caches["openvino"].iterdir())
+    for name in names:
+        expected = load_file(str(caches["torch"] / name))["embedding"].float()
+        got = load_file(str(caches["openvino"] / name))["embedding"].float()
+        assert float((got - expected).abs().max()) <= 2e-3 * float(expected.abs().max())
+    full = TrainConfig(base=str(base), data=data, out=tmp_path / "run-full", recipe=Recipe("full"), backend="openvino")
+    with pytest.raises(MedfmError, match="only fills the embedding cache of a frozen image encoder"):
+        Trainer(full, lambda text: None)
+    assert not (tmp_path / "run-full").exists()

@@ -297,6 +297,7 @@ def train(
     adapter_ratio: Annotated[float, typer.Option(help="Adapter width as a share of the block width (adapter).")] = 0.25,
     prompt_tokens: Annotated[int, typer.Option(help="Sparse prompt tokens generated per image (autoprompt).")] = 4,
     cache_embeddings: Annotated[Optional[Path], typer.Option(help="Embedding cache folder for frozen-encoder recipes (default RUN_DIR/embedding-cache).")] = None,
+    backend: Annotated[str, typer.Option(help="What fills the embedding cache of a frozen encoder on the CPU: torch, or openvino (about 3x faster here; pip install 'medfm[openvino]').")] = "torch",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, augmentation and prompts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CUDA with bf16).")] = None,
@@ -313,6 +314,9 @@ def train(
     from medfm.batch.engines import check_engine
 
     check_engine(engine, ray_workers, "medfm train --engine ray")  # before any model loads
+    from medfm.segment.openvino_backend import check_backend
+
+    check_backend(backend)
     if engine == "local" and ray_workers != 1:
         raise medfm.OptionError("--workers N runs N processes on Ray (--engine ray); locally use torchrun, "
                                 "and --loader-workers for data loading")
@@ -327,8 +331,8 @@ def train(
         split_limit=split_limit, slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
-        box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, seed=seed, device=device, bf16=bf16,
-        workers=workers, resume=resume, progress=True,
+        box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, backend=backend, seed=seed, device=device,
+        bf16=bf16, workers=workers, resume=resume, progress=True,
     )
     if engine == "ray":
         from medfm.train.ray_engine import train_on_ray

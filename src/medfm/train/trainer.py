@@ -102,6 +102,7 @@ class TrainConfig:
     augment: bool = True
     robust_input: bool = False  #: random resize kernel, blur and gamma (needs a trainable image encoder)
     cache_embeddings: Path | None = None  #: default RUN_DIR/embedding-cache (frozen-encoder recipes)
+    backend: str = "torch"  #: what fills the embedding cache on the CPU: torch or openvino (frozen-encoder recipes)
     seed: int = 0
     device: str = "auto"
     bf16: bool | None = None
@@ -115,6 +116,9 @@ class TrainConfig:
             raise MedfmError(f"unknown prompt mode '{mode}'; choose one of {', '.join(PROMPTS)}")
         if (mode == "none") != (self.recipe.name == "autoprompt"):
             raise MedfmError("the autoprompt recipe trains without prompts, every other recipe with box, clicks or mixed")
+        if self.backend != "torch" and not self.recipe.frozen_encoder:
+            raise MedfmError(f"--backend {self.backend} only fills the embedding cache of a frozen image encoder, but the "
+                             f"{self.recipe.name} recipe trains it: use decoder or autoprompt, or --backend torch")
         if self.robust_input and self.recipe.frozen_encoder:
             raise MedfmError(f"robust input augmentation changes the image encoder's input, but the {self.recipe.name} "
                              "recipe freezes it (and caches its embeddings): use full, lora or adapter")
@@ -399,10 +403,16 @@ class Trainer:
         from medfm.segment.fast import InferenceEngine
 
         mine = refs[self.run.rank :: self.run.world]
-        engine = InferenceEngine(self.network.eval())
+        if self.config.backend == "openvino" and self.run.device.type == "cpu":
+            from medfm.segment.openvino_backend import EncoderBackend
+
+            encode: Callable[[Tensor], Tensor] = EncoderBackend(self.network.eval())
+        else:
+            engine = InferenceEngine(self.network.eval())
+            encode = lambda pixels: engine.encode(pixels.to(self.run.device))  # noqa: E731
         batch_size = 1 if self.run.device.type == "cpu" else self.config.batch_size
         with progress_bar(self.config.progress and self.run.main, len(mine), "caching embeddings") as advance:
-            cache.fill(mine, lambda pixels: engine.encode(pixels.to(self.run.device)), batch_size, advance)
+            cache.fill(mine, encode, batch_size, advance)
         self.run.barrier()
 
     def _loader(self, dataset: SegmentationSamples, shuffle: bool) -> tuple[DataLoader, DistributedSampler]:
