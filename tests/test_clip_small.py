@@ -167,4 +167,3 @@ def test_prompt_loss_is_the_cross_entropy_of_zero_shot_scoring() -> None:
     covid = torch.stack([covid, 1 - covid], dim=1)
     chosen = torch.cat([isic[torch.arange(3), class_of[:3]], covid[torch.arange(3), class_of[3:]]])
     assert float(loss) == pytest.approx(float(-chosen.log().mean()), rel=1e-4)
-
