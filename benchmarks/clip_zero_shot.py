@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 import medfm.clip
-from medfm.clip.data import DATASETS, TASKS, VLRecord
+from medfm.clip.data import DATASETS, TASKS, VLRecord, is_validation
 from medfm.clip.zeroshot import zero_shot_probabilities
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from train_clip_small import load_cache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from litemedsam_speed import cpu_name  # noqa: E402 - the benchmarks' one description of the CPU
+from train_clip_small import load_cache  # noqa: E402
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -50,10 +52,7 @@ def macro_auc(probabilities: np.ndarray, targets: np.ndarray) -> float:
 
 def class_targets(records: list[VLRecord], dataset: str) -> np.ndarray:
     """Index of each record's class in the task (finding tasks: 0 = finding present, 1 = absent)."""
-    task = TASKS[dataset]
-    if task.finding is not None:
-        return np.array([0 if task.finding in r.labels else 1 for r in records])
-    return np.array([next(task.classes.index(label) for label in r.labels if label in task.classes) for r in records])
+    return np.array([TASKS[dataset].target(r) for r in records])
 
 
 def zero_shot(model: medfm.clip.DualEncoder, records: list[VLRecord], grids: torch.Tensor, dataset: str) -> np.ndarray:
@@ -114,9 +113,17 @@ def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
         return torch.softmax(probe(test_x), dim=1).numpy()
 
 
-def evaluate(dataset: str, model: medfm.clip.DualEncoder) -> dict:
-    records, grids = load_cache(dataset, "held_out")
+def evaluate(dataset: str, model: medfm.clip.DualEncoder, split: str = "held_out") -> dict:
+    """One table row: ``split`` ``held_out`` (the cached held-out images; probe fitted on the cached
+    training side) or ``validation`` (the validation part of the training side; probe fitted on the rest)."""
     train_records, train_grids = load_cache(dataset, "train")
+    if split == "held_out":
+        records, grids = load_cache(dataset, "held_out")
+    else:
+        inside = torch.tensor([is_validation(r) for r in train_records], dtype=torch.bool)
+        records = [r for r, v in zip(train_records, inside.tolist()) if v]
+        train_records = [r for r, v in zip(train_records, inside.tolist()) if not v]
+        grids, train_grids = train_grids[inside], train_grids[~inside]
     targets, train_targets = class_targets(records, dataset), class_targets(train_records, dataset)
     task = TASKS[dataset]
     classes = 2 if task.finding else len(task.classes)
@@ -124,7 +131,7 @@ def evaluate(dataset: str, model: medfm.clip.DualEncoder) -> dict:
     probe = linear_probe(pooled(train_grids), train_targets, pooled(grids), classes)
     majority = np.bincount(train_targets, minlength=classes).argmax()
     return {
-        "dataset": dataset,
+        "dataset": dataset, "split": split,
         "task": f"'{task.finding}' vs 'no {task.finding}' (CheXzero)" if task.finding else f"softmax over {classes} classes",
         "n_held_out": len(records), "n_train": len(train_records), "classes": classes,
         "chance_accuracy": float(np.mean(targets == majority)), "chance_auc": 0.5,
@@ -138,13 +145,18 @@ def main() -> None:
     parser.add_argument("--model", default="medfm-clip-small")
     parser.add_argument("--out", type=Path, default=Path("out/clip_zero_shot.json"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--split", choices=["held_out", "validation"], default="held_out",
+                        help="validation: the validation part of the training side (for model choices; "
+                        "medfm.clip.data.is_validation), the probe fitted on the rest")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared: 1)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = medfm.clip.load(args.model)
-    rows = [evaluate(dataset, model) for dataset in args.datasets]
+    rows = [evaluate(dataset, model, args.split) for dataset in args.datasets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| dataset | task | n held-out (train) | chance acc | zero-shot acc | zero-shot AUC | linear probe acc | linear probe AUC |")
+    print(f"{args.model} on the {args.split} split; CPU: {cpu_name()}")
+    print(f"| dataset | task | n {args.split.replace('_', '-')} (train) | chance acc | zero-shot acc | zero-shot AUC | linear probe acc | linear probe AUC |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['dataset']} | {r['task']} | {r['n_held_out']} ({r['n_train']}) | {r['chance_accuracy']:.3f} | "

@@ -81,3 +81,89 @@ def test_classify_and_retrieve_commands(tmp_path: Path) -> None:
     assert len(hits) == 1 and Path(hits[0]["image"]).parent == folder
     result = run_medfm("classify", str(EXAMPLES / "busi_benign_001.png"), "--labels", "pneumonia")
     assert result.returncode == 2 and "two or more labels" in result.stderr and "Traceback" not in result.stderr
+
+
+def _training_script():
+    """scripts/train_clip_small.py as a module (its sampling and prompt loss are tested here)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_clip_small.py"
+    spec = importlib.util.spec_from_file_location("train_clip_small", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validation_part_is_deterministic_inside_the_training_side(vl_data: Path) -> None:
+    from medfm.clip.data import TASKS, is_validation
+
+    for dataset in DATASETS:
+        training = [r for r in read_records(vl_data, dataset) if not is_held_out(r)]
+        sides = defaultdict(set)
+        for record in training:
+            sides[record.group].add(is_validation(record))
+        assert all(len(s) == 1 for s in sides.values()), dataset
+        validation = [r for r in training if is_validation(r)]
+        assert 0.1 < len(validation) / len(training) < 0.3, dataset
+        # the two splits are independent hashes: the validation part is not the held-out part again
+        assert not any(is_held_out(r) for r in validation)
+        targets = {TASKS[dataset].target(r) for r in validation}
+        assert targets == set(range(len(TASKS[dataset].labels))), (dataset, targets)
+
+
+def test_task_labels_and_targets() -> None:
+    from medfm.clip.data import TASKS, VLRecord
+
+    covid = TASKS["covid_cxr_notes"]
+    assert covid.labels == ("COVID-19", "no COVID-19")
+    record = VLRecord("covid_cxr_notes", "a", Path("a.jpg"), "X-ray", ("ARDS",), "p1")
+    assert covid.target(record) == 1
+    isic = TASKS["isic2017_skin"]
+    melanoma = VLRecord("isic2017_skin", "b", Path("b.jpg"), "dermoscopy", ("melanoma",), "b")
+    assert isic.labels[isic.target(melanoma)] == "melanoma"
+
+
+def test_balanced_sampling_weights() -> None:
+    from medfm.clip.data import VLRecord
+
+    script = _training_script()
+
+    def record(dataset: str, label: str, i: int) -> VLRecord:
+        return VLRecord(dataset, f"{dataset}{i}", Path("x.jpg"), "dermoscopy", (label,), str(i))
+
+    records = ([record("isic2017_skin", "benign nevus or seborrheic keratosis", i) for i in range(8)]
+               + [record("isic2017_skin", "melanoma", 10 + i) for i in range(2)]
+               + [record("ham10000_skin", "melanoma", 20 + i) for i in range(5)])
+    assert script.sampling_weights(records, 0.0).tolist() == [1.0] * 15
+    weights = script.sampling_weights(records, 1.0)
+    assert float(weights[:8].sum()) == pytest.approx(float(weights[8:10].sum()))  # classes balanced
+    assert float(weights[:10].sum()) == pytest.approx(10) and float(weights[10:].sum()) == pytest.approx(5)
+
+
+def test_prompt_loss_is_the_cross_entropy_of_zero_shot_scoring() -> None:
+    """The training loss on the prompt ensembles scores exactly as `zero_shot_probabilities` does."""
+    import torch
+
+    from medfm.clip.data import TASKS
+    from medfm.clip.model import small_model
+    from medfm.clip.zeroshot import zero_shot_probabilities
+
+    script = _training_script()
+    torch.manual_seed(0)
+    model = small_model(script.prompt_templates("v2")).eval()
+    tasks = [("isic2017_skin", "dermoscopy"), ("covid_cxr_notes", "X-ray")]
+    prompts = {key: [[t.format(label) for t in model.templates(key[1])] for label in TASKS[key[0]].labels] for key in tasks}
+    strings = sorted({t for rows in prompts.values() for row in rows for t in row})
+    row = {text: i for i, text in enumerate(strings)}
+    with torch.inference_mode():
+        text_cache = model.text_features(strings)
+        images = model.embed_image_features(torch.randn(6, 256, 8, 8))
+    prompt_rows = {key: torch.tensor([[row[t] for t in texts] for texts in rows]) for key, rows in prompts.items()}
+    task_of, class_of = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 0, 1, 0])
+    with torch.no_grad():
+        loss = script.prompt_loss(model, images, text_cache, prompt_rows, tasks, task_of, class_of)
+    isic = zero_shot_probabilities(model, images[:3], TASKS["isic2017_skin"].labels, model.templates("dermoscopy"))
+    covid = zero_shot_probabilities(model, images[3:], ["COVID-19"], model.templates("X-ray"), "pos-neg")[:, 0]
+    covid = torch.stack([covid, 1 - covid], dim=1)
+    chosen = torch.cat([isic[torch.arange(3), class_of[:3]], covid[torch.arange(3), class_of[3:]]])
+    assert float(loss) == pytest.approx(float(-chosen.log().mean()), rel=1e-4)

@@ -33,6 +33,17 @@ TEMPLATES = {
     "CT": ("{}", "a chest CT showing {}", "computed tomography with findings of {}"),
     "dermoscopy": ("{}", "a dermoscopic image of {}", "a skin lesion diagnosed as {}", "dermoscopy showing {}"),
 }
+#: A wider dermoscopy ensemble (v2): more phrasings of the same diagnosis give the trained text
+#: projection more than four points per class to fit, and average out any one wording at zero-shot time.
+DERMOSCOPY_V2 = (
+    *TEMPLATES["dermoscopy"],
+    "a dermoscopy photo of a {}",
+    "a close-up photograph of a skin lesion: {}",
+    "a pigmented skin lesion, {}",
+    "dermatoscopic image of a lesion diagnosed as {}",
+    "skin cancer screening image: {}",
+    "a mole examined by dermoscopy, {}",
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,17 @@ class ZeroShotTask:
     dataset: str
     classes: tuple[str, ...] = ()
     finding: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The texts the image is scored against: the classes, or "{finding}" and "no {finding}"."""
+        return (self.finding, f"no {self.finding}") if self.finding is not None else self.classes
+
+    def target(self, record: VLRecord) -> int:
+        """Index of ``record``'s class in `labels` (finding tasks: 0 present, 1 absent)."""
+        if self.finding is not None:
+            return 0 if self.finding in record.labels else 1
+        return next(self.classes.index(label) for label in record.labels if label in self.classes)
 
 
 TASKS = {
@@ -100,10 +122,20 @@ def is_held_out(record: VLRecord, fraction: float = 0.2) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def training_texts(record: VLRecord) -> list[tuple[str, tuple[str, ...]]]:
+def is_validation(record: VLRecord, fraction: float = 0.2) -> bool:
+    """Deterministic validation part of the *training* side (meaningless for held-out records): a
+    second, salted SHA-256 of dataset and patient/lesion, so model choices never see the held-out 20%."""
+    digest = hashlib.sha256(f"validation:{record.dataset}:{record.group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def training_texts(
+    record: VLRecord, templates: dict[str, tuple[str, ...]] | None = None
+) -> list[tuple[str, tuple[str, ...]]]:
     """The texts that may pair with a training image, each with its label set: the report or
-    caption (all the image's targets), and each target in every template of the modality."""
-    templates = TEMPLATES.get(record.modality, ("{}",))
+    caption (all the image's targets), and each target in every template of the modality
+    (``templates``: per modality, default `TEMPLATES`)."""
+    templates = (templates or TEMPLATES).get(record.modality, ("{}",))
     texts = [(text, record.targets) for text in record.texts]
     texts += [(template.format(target), (target,)) for target in record.targets for template in templates]
     return texts

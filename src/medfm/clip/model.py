@@ -208,9 +208,10 @@ def load_tokenizer(source: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(minilm_folder() if source == "minilm" else source))
 
 
-def small_config(embed_dim: int = 256, grid: int = 8) -> dict[str, Any]:
+def small_config(embed_dim: int = 256, grid: int = 8, templates: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """medfm-clip-small's architecture: frozen LiteMedSAM encoder at 112 px pooled to a grid, a
-    mean/max-pool head with BatchNorm, frozen MiniLM (mean-pooled), MLP projections into ``embed_dim``."""
+    mean/max-pool head with BatchNorm, frozen MiniLM (mean-pooled), MLP projections into ``embed_dim``;
+    ``templates``: the prompt ensembles it is trained with and keeps (default `medfm.clip.data.TEMPLATES`)."""
     from medfm.clip.data import TEMPLATES
 
     return {
@@ -224,13 +225,13 @@ def small_config(embed_dim: int = 256, grid: int = 8) -> dict[str, Any]:
         "context_length": 128,
         "tokenizer": "minilm",
         "preprocess": SMALL_PREPROCESS.to_dict(),
-        "templates": {modality: list(templates) for modality, templates in TEMPLATES.items()},
+        "templates": {modality: list(ensemble) for modality, ensemble in (templates or TEMPLATES).items()},
     }
 
 
-def small_model() -> DualEncoder:
+def small_model(templates: dict[str, Sequence[str]] | None = None) -> DualEncoder:
     """An untrained medfm-clip-small (its frozen towers pretrained), for training."""
-    return DualEncoder(small_config(), load_tokenizer("minilm"))
+    return DualEncoder(small_config(templates=templates), load_tokenizer("minilm"))
 
 
 def load(
