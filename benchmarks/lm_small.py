@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned = args.tuned or ("medfm-lm-small" if "medfm-lm-small" in medfm.lm.available_lms() else None)
     roles = args.role or list(ROLES)
     models = {role: name for role, name in (("base", args.base), ("tuned", tuned)) if role in roles and name}
-    print(f"CPU: {cpu_name()}; torch threads {args.threads}")
+    cpu = cpu_name()
+    selection = f"first {args.limit} per set" if args.limit else "every validation item"
+    print(f"CPU: {cpu}; torch threads {args.threads}", flush=True)
     sources = read_sources([args.data_root / name for name in DATASETS], "instruct", args.val_fraction)
     sets = {source.name: (source.val_items[: args.limit], read_dataset(source.folder).exemplars) for source in sources}
     if args.medqa_limit:
@@ -174,13 +176,19 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(dataset, {}).setdefault(strategy, {})[role] = result = score(lm, items, strategy, exemplars)
                 print(f"{role} {dataset} {strategy}: {result['correct']}/{result['n']} ({result['items_per_second']:.2f} items/s)",
                       flush=True)
-    selection = f"first {args.limit} per set" if args.limit else "every validation item"
-    report = {"cpu": cpu_name(), "threads": args.threads, "val_fraction": args.val_fraction, "selection": selection,
-              "models": models, "results": results}
+                _write(args.out, report := {"cpu": cpu, "threads": args.threads, "val_fraction": args.val_fraction,
+                                            "selection": selection, "models": models, "results": results})
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _write(path: Path, report: dict) -> None:
+    """``report`` as JSON, replaced atomically after every dataset (a killed run keeps what it scored)."""
+    from medfm.io.writers import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
