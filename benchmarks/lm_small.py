@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=ROLES, action="append", default=None, help="score only this model (repeatable)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=None, help="the first N validation questions per dataset (default: all)")
+    parser.add_argument("--dataset", choices=DATASETS, action="append", default=None, help="only these sets (default: all three)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--medqa-limit", type=int, default=0, help="also the first N MedQA test questions (never trained on)")
     parser.add_argument("--strategy", action="append", default=None, help="zero-shot (default), few-shot:K; repeatable")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_name()
     selection = f"first {args.limit} per set" if args.limit else "every validation item"
     print(f"CPU: {cpu}; torch threads {args.threads}", flush=True)
-    sources = read_sources([args.data_root / name for name in DATASETS], "instruct", args.val_fraction)
+    sources = read_sources([args.data_root / name for name in args.dataset or DATASETS], "instruct", args.val_fraction)
     sets = {source.name: (source.val_items[: args.limit], read_dataset(source.folder).exemplars) for source in sources}
     if args.medqa_limit:
         medqa = read_dataset(args.data_root / HEADLINE)
