@@ -63,3 +63,38 @@ def test_the_fine_tune_is_the_default_everywhere() -> None:
     assert medfm.load().name == DEFAULT_MODEL
     help_text = run_medfm("segment", "--help").stdout
     assert f"(default: {DEFAULT_MODEL})" in " ".join(help_text.replace("│", " ").split())
+
+
+CLICKS = "medfm-litemedsam-clicks"
+#: datasets where one click has one clear answer (a lesion, an organ, a disc); held out as in the cards
+CLICK_DATASETS = ["busi_breast_ultrasound", "covid_cxr_lungs_v7", "hc18_fetal_head_us", "ph2_dermoscopy"]
+
+
+def test_the_clicks_model_ships_its_prompt_encoder_and_decoder_over_litemedsam() -> None:
+    folder = BUNDLED_DIR / CLICKS
+    config = json.loads((folder / "config.json").read_text())
+    assert config["base"] == "litemedsam" and config["recipe"] == {"name": "decoder", "prompt_encoder": True}
+    assert config["trained_prompts"] == ["box", "point"] and registry.get(CLICKS).prompts == ("box", "point")
+    assert (folder / "MODEL_CARD.md").read_text().count("|") > 20
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        prefixes = {key.split(".")[0] for key in weights.keys()}
+    assert prefixes == {"mask_decoder", "prompt_encoder"}
+
+
+@needs_litemedsam
+def test_the_clicks_model_answers_one_click_where_the_box_model_cannot(seg_data) -> None:
+    """Held-out cases of the cards' split: one centre click gives the clicks model a real mask and the
+    box-trained default almost nothing, while their box Dice stay close."""
+    from medfm.data.datasets import discover_cases, split_cases
+    from medfm.evaluate.runner import evaluate
+
+    held_out = split_cases(discover_cases(seg_data, CLICK_DATASETS, 100), 0.2, 0, 4)[1]
+    cases = [c for d in CLICK_DATASETS for c in [c for c in held_out if c.dataset == d][:2]]
+    assert len(cases) == 2 * len(CLICK_DATASETS)
+    rows = evaluate([load(FT), load(CLICKS)], cases, prompt=["points:1", "box"]).rows
+    mean = {(m, p): float(np.mean([r.dice for r in rows if (r.model, r.prompt) == (m, p) and r.note is None]))
+            for m in (FT, CLICKS) for p in ("points:1", "box")}
+    assert mean[(CLICKS, "points:1")] > 0.6 and mean[(FT, "points:1")] < 0.2, mean
+    assert mean[(CLICKS, "box")] > mean[(FT, "box")] - 0.02, mean

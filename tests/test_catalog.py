@@ -43,7 +43,8 @@ VISUALLY_PROMPTED = {
 # BioMedLM and BioGPT are the language models of MedBLIP and the biomedical GPT layouts)
 LANGUAGE_MODELS = {"SmolLM2", "BioMedLM", "BioGPT"}
 SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter", "SAM-U", "SAM zero-shot study"}
-MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-clip-small", "medfm-experts-smollm2", "medfm-vlm-small", "medfm-lm-small"}  # medfm's own, beside the survey's systems
+MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-litemedsam-clicks", "medfm-clip-small", "medfm-experts-smollm2", "medfm-vlm-small",
+                "medfm-lm-small"}  # medfm's own, beside the survey's systems
 NO_PUBLIC_WEIGHTS = {
     "Med-PaLM 2", "Med-PaLM M", "GMAI", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
 }
@@ -197,7 +198,7 @@ def test_to_dict_is_json_with_lists():
 
 def test_filter_by_category_and_subcategory():
     assert names(list_models(category="textually-prompted")) == TEXTUALLY_PROMPTED | LANGUAGE_MODELS | {"medfm-clip-small", "medfm-experts-smollm2", "medfm-vlm-small", "medfm-lm-small"}
-    assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED | {"medfm-litemedsam-ft"}
+    assert names(list_models(category="Visually-Prompted")) == VISUALLY_PROMPTED | {"medfm-litemedsam-ft", "medfm-litemedsam-clicks"}
     assert names(list_models(category="contrastive")) == {"MedCLIP", "CheXzero", "BioViL-T", "BiomedCLIP", "medfm-clip-small"}
     assert names(list_models(category="hybrid")) == {"MedBLIP"}
 
@@ -210,14 +211,15 @@ def test_filter_by_modality_is_case_insensitive():
 
 
 def test_filter_by_prompt_box_gives_the_sam_family():
-    assert names(list_models(prompt="box")) == SAM_FAMILY | {"medfm-litemedsam-ft"}
+    assert names(list_models(prompt="box")) == SAM_FAMILY | {"medfm-litemedsam-ft", "medfm-litemedsam-clicks"}
     assert names(list_models(prompt="mask")) == {"SAM", "SAM-Med2D"}
     assert names(list_models(prompt="none")) == {"SAMed", "AutoSAM", "Clinical-BERT"}
 
 
 def test_filters_combine_and_results_are_sorted():
     assert names(list_models(category="visually-prompted", modality="CT", prompt="box")) == {
-        "MedSAM", "LiteMedSAM", "medfm-litemedsam-ft", "SAM-Med2D", "Medical SAM Adapter", "SAM zero-shot study",
+        "MedSAM", "LiteMedSAM", "medfm-litemedsam-ft", "medfm-litemedsam-clicks", "SAM-Med2D", "Medical SAM Adapter",
+        "SAM zero-shot study",
     }
     cards = list_models()
     assert cards == sorted(cards, key=lambda card: (card.category, card.name.lower()))

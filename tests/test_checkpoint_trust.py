@@ -42,7 +42,7 @@ from tests.conftest import EXAMPLES
 from tests.test_predictor import TINY_TINYVIT
 from tests.test_train_recipes import write_tiny_base
 
-BUNDLED_FOLDERS = [BUNDLED_DIR / "medfm-litemedsam-ft", Path(medfm.__file__).parent / "clip" / "weights" / "medfm-clip-small"]
+BUNDLED_FOLDERS = [BUNDLED_DIR / "medfm-litemedsam-ft", BUNDLED_DIR / "medfm-litemedsam-clicks", Path(medfm.__file__).parent / "clip" / "weights" / "medfm-clip-small"]
 
 
 # -- code in checkpoints ------------------------------------------------------------------------------

