@@ -260,6 +260,13 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "LLaMA-7B folder and openai/clip-vit-large-patch14 (transformers layout)",
         "Med-Flamingo: OpenFlamingo (CLIP ViT-L/14 + LLaMA-7B) tuned on medical papers, from a folder", prompts=("text",),
     ),
+    ModelEntry(
+        "medblip", "vlm", "medblip", f"{_VLM}:build_medblip",
+        "none:MedBLIP publishes no weights: pass weights=FOLDER holding a checkpoint its trainer saved (epochN.pth, "
+        "the BioMedLM variant) and the LM's folder (config.json + tokenizer, e.g. stanford-crfm/BioMedLM)",
+        "MedBLIP: whole 3D volumes through EVA ViT-g with a 3D patch embedding + Q-Former + BioMedLM, from a folder",
+        prompts=("text",), options={"input": "volume"},
+    ),
 )
 
 _BY_NAME = {entry.name: entry for entry in ENTRIES}
