@@ -29,22 +29,38 @@ def tokenizer_for(kind: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<|endoftext|>", "<unk>"] if kind == "gpt2" else ["<s>", "<pad>", "</s>", "<unk>"]
+    special = {"gpt2": ["<|endoftext|>", "<unk>"], "t5": ["<pad>", "</s>", "<unk>"]}.get(kind, ["<s>", "<pad>", "</s>", "<unk>"])
     vocabulary = {token: index for index, token in enumerate(special + WORDS)}
     backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "gpt2":
         return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|endoftext|>",
                                        eos_token="<|endoftext|>")
+    if kind == "t5":  # T5's tokenizer ends every text with </s>
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
     backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
 
 
+def t5_config(vocabulary: int):
+    """A tiny FLAN-T5: gated GELU (tanh approximation, as FLAN-T5's config says), lm_head untied."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocabulary, d_model=LM_WIDTH, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)
+
+
 def language_model(kind: str, vocabulary: int):
-    from transformers import BioGptConfig, BioGptForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import BioGptConfig, BioGptForCausalLM, GPT2Config, GPT2LMHeadModel, T5ForConditionalGeneration
 
     torch.manual_seed(7)
+    if kind == "t5":
+        model = T5ForConditionalGeneration(t5_config(vocabulary))
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocabulary, LM_WIDTH) * 0.5)  # FLAN-T5's own head
+        return model.eval()
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=vocabulary, n_embd=LM_WIDTH, n_layer=2, n_head=2, n_positions=POSITIONS,
                                           bos_token_id=0, eos_token_id=0)).eval()
@@ -94,7 +110,11 @@ def write_medblip(folder: Path, kind: str = "gpt2", lm_in_checkpoint: bool = Tru
     state |= {"temp": torch.tensor(0.07), "proj.weight": r(LM_WIDTH, q), "proj.bias": r(LM_WIDTH)}
     tokenizer = tokenizer_for(kind)
     lm = language_model(kind, len(tokenizer))
-    if lm_in_checkpoint:
+    if kind == "t5":  # MedBLIP's T5 model: t5_proj, and the LM in bf16 as t5_model.*
+        state["t5_proj.weight"], state["t5_proj.bias"] = state.pop("proj.weight"), state.pop("proj.bias")
+        state |= {f"t5_model.{k}": v.bfloat16() for k, v in lm.state_dict().items()}
+        t5_config(len(tokenizer)).save_pretrained(folder / "lm")
+    elif lm_in_checkpoint:
         state |= {f"lm_model.{k}": v.half() for k, v in lm.state_dict().items()}
         if kind == "gpt2":  # the persistent buffers of the GPT-2 copy MedBLIP ships
             for i in range(2):
@@ -169,6 +189,8 @@ def medblip_reference(state: dict, lm, kind: str, tokenizer, prompt: str, volume
             t = attend(t, image, b + "crossattention")
         t = ln(t + lin(F.gelu(lin(t, b + "intermediate_query.dense")), b + "output_query.dense"), b + "output_query.LayerNorm")
     tokens = F.linear(t, s["proj.weight"], s["proj.bias"])
+    if kind == "image-tokens":
+        return tokens
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     table = lm.transformer.wte if kind == "gpt2" else lm.biogpt.embed_tokens  # BioGPT's embedding carries its scale
     return lm(inputs_embeds=torch.cat([table(ids), tokens], dim=1)).logits
@@ -277,7 +299,8 @@ def test_medblip_refuses_bad_inputs_in_one_line(tmp_path):
     assert "epoch3.pth: holds no proj.weight" in refusal(CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
     t5 = {k.replace("lm_model.", "t5_model."): v for k, v in state.items()}
     torch.save(t5, weights / "epoch3.pth")
-    assert "FLAN-T5 variant" in refusal(CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
+    assert "holds no t5_proj.weight: not a checkpoint of MedBLIP's FLAN-T5 model" in refusal(
+        CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
     shrunk = dict(state, **{"visual_encoder.blocks.0.mlp.fc1.weight": torch.zeros(3, EVA["hidden"])})
     torch.save(shrunk, weights / "epoch3.pth")
     assert "3D EVA ViT's weights do not match" in refusal(CheckpointError, lambda: load_medblip(weights / "epoch3.pth",
@@ -286,15 +309,50 @@ def test_medblip_refuses_bad_inputs_in_one_line(tmp_path):
     assert "3D EVA ViT lacks visual_encoder.blocks.1.attn.q_bias" in refusal(
         CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
     torch.save(state | {"extra.weight": torch.zeros(2)}, weights / "epoch3.pth")
-    assert "unexpected weights for MedBLIP: extra.weight" in refusal(
+    assert "unexpected weights for MedBLIP's causal-LM model: extra.weight" in refusal(
         CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
     torch.save(state, weights / "epoch3.pth")
     config = json.loads((weights / "lm" / "config.json").read_text())
     (weights / "lm" / "config.json").write_text(json.dumps(config | {"n_embd": 2 * LM_WIDTH}))
-    assert f"proj maps into {LM_WIDTH} dimensions" in refusal(CheckpointError, lambda: load_medblip(weights / "epoch3.pth",
+    assert f"proj.weight maps into {LM_WIDTH} dimensions" in refusal(CheckpointError, lambda: load_medblip(weights / "epoch3.pth",
                                                                                                   weights / "lm"))
     (weights / "epoch3.pth").write_bytes(b"not a checkpoint")
     assert "epoch3.pth: cannot be read with weights_only=True" in refusal(
         CheckpointError, lambda: load_medblip(weights / "epoch3.pth", weights / "lm"))
     (weights / "epoch4.pth").write_bytes(b"")
     assert "needs exactly one MedBLIP checkpoint" in refusal(InputFileError, lambda: medfm.vlm.api.load("medblip", weights=weights))
+
+
+def test_medblip_flan_t5_variant_matches_its_forward(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    from medfm.vlm.medblip import MedBlipT5Model, load_medblip
+
+    state = write_medblip(tmp_path, "t5")
+    model = load_medblip(tmp_path / "epoch3.pth", tmp_path / "lm")
+    assert isinstance(model, MedBlipT5Model)
+    volume = write_volume(tmp_path / "brain.nii.gz")
+    turns = [(QUESTION, None)]
+    prompt = model.prompt_format.render(turns).removesuffix("<image>")
+    config = t5_config(len(model.tokenizer))
+    config.dense_act_fn = "gelu"  # modeling_medblip_t5.py overrides FLAN-T5's activation
+    reference = T5ForConditionalGeneration(config).eval()
+    reference.lm_head.weight = torch.nn.Parameter(torch.empty(len(model.tokenizer), LM_WIDTH))
+    reference.load_state_dict({k.removeprefix("t5_model."): v.float() for k, v in state.items() if k.startswith("t5_model.")})
+    s = {k.replace("t5_proj.", "proj."): v for k, v in state.items()}
+    pixels = model.pixels(volume)
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0, -1] == 1  # the prompt's </s> comes before the image tokens, as in MedBLIP
+    decoder = torch.tensor([[0, 5, 9]])
+    with torch.no_grad():
+        image = medblip_reference(s, None, "image-tokens", None, prompt, pixels)
+        expected = reference(inputs_embeds=torch.cat([reference.get_input_embeddings()(ids), image], 1), decoder_input_ids=decoder).logits
+        actual = model.logits(model.prepare(turns, volume), decoder)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert isinstance(model.answer(turns, volume, max_new_tokens=3), str)
+    scores = model.score(turns, volume, ["dementia", "not demented"])
+    with torch.no_grad():  # "not demented": log p(not | start) + log p(demented | start, not)
+        embeds = model.prepare(turns, volume)
+        words = model.tokenizer("not demented", add_special_tokens=False).input_ids
+        log_probs = torch.log_softmax(model.logits(embeds, torch.tensor([[0, words[0]]])), -1)[0]
+    assert scores[1] == pytest.approx(float(log_probs[0, words[0]] + log_probs[1, words[1]]), abs=1e-5)

@@ -263,8 +263,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry(
         "medblip", "vlm", "medblip", f"{_VLM}:build_medblip",
         "none:MedBLIP publishes no weights: pass weights=FOLDER holding a checkpoint its trainer saved (epochN.pth, "
-        "the BioMedLM variant) and the LM's folder (config.json + tokenizer, e.g. stanford-crfm/BioMedLM)",
-        "MedBLIP: whole 3D volumes through EVA ViT-g with a 3D patch embedding + Q-Former + BioMedLM, from a folder",
+        "BioMedLM or FLAN-T5 variant) and the LM's folder (config.json + tokenizer, e.g. stanford-crfm/BioMedLM)",
+        "MedBLIP: whole 3D volumes through EVA ViT-g with a 3D patch embedding + Q-Former + BioMedLM or FLAN-T5, from a folder",
         prompts=("text",), options={"input": "volume"},
     ),
 )

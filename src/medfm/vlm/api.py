@@ -131,8 +131,8 @@ def build_med_flamingo(entry: ModelEntry, *, weights: str | PathLike[str] | None
 def build_medblip(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
                   device: str = "cpu", dtype: Any = None) -> Model:
     """MedBLIP from a folder holding the checkpoint its trainer saved (one ``.pth`` or
-    ``.safetensors``: ``epochN.pth``) and its causal LM's folder (``config.json`` + tokenizer, e.g.
-    stanford-crfm/BioMedLM)."""
+    ``.safetensors``: ``epochN.pth``) and its LM's folder (``config.json`` + tokenizer, e.g.
+    stanford-crfm/BioMedLM, or google/flan-t5-xl for the FLAN-T5 variant)."""
     from medfm.vlm.medblip import load_medblip
 
     folder = Path(weights) if weights is not None else None

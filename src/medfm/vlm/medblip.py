@@ -1,6 +1,7 @@
 """MedBLIP (Chen et al. 2023, github.com/Qybc/MedBLIP) in its original checkpoint layout: a whole
 3D volume through BLIP-2's EVA ViT-g whose 2D patch embedding is replaced by a 3D one, the Q-Former
-with its 32 queries, a linear ``proj`` and a causal LM (BioMedLM, GPT-2 layout; BioGPT loads the same way).
+with its 32 queries, a linear ``proj`` and a causal LM (BioMedLM, GPT-2 layout; BioGPT loads the same way),
+or ``t5_proj`` and FLAN-T5 (the encoder-decoder variant, `MedBlipT5Model`).
 
 What its code does, and medfm reproduces:
 
@@ -19,16 +20,19 @@ What its code does, and medfm reproduces:
   ``proj`` into the LM's width (`medfm.vlm.connectors.QFormerConnector`).
 * **Prompt and generation** (``modeling_medblip_biomedlm.py``): the LM reads the embedded text
   ``Question: ... Answer: `` and *then* the 32 image tokens, and continues greedily (`MEDBLIP`).
+  FLAN-T5 (``modeling_medblip_t5.py``): its encoder reads the same (the prompt's tokens end with
+  T5's ``</s>``), its decoder answers greedily; MedBLIP sets ``dense_act_fn = "gelu"`` over
+  FLAN-T5's config, and so does medfm.
 
 The checkpoint is what MedBLIP's trainer saves, ``model.state_dict()`` as ``epochN.pth``:
 ``visual_encoder.*``, ``ln_vision.*``, ``Qformer.bert.*``, ``query_tokens``, ``proj.*``, the frozen LM
 as ``lm_model.*`` (fp16; GPT-2's ``attn.bias``/``attn.masked_bias`` buffers among them) and the
 contrastive heads (``vision_proj``, ``text_proj``, ``qa_proj``, ``temp``, unused to answer). The LM's
 ``config.json`` and tokenizer come from its folder (e.g. stanford-crfm/BioMedLM); when the
-checkpoint lacks ``lm_model.*``, that folder's weights are used. The FLAN-T5 variant (``t5_model.*``,
-an encoder-decoder) is refused with that reason. Weights are read with ``weights_only=True`` or
-safetensors only. The author's code runs the ViT and the LM in fp16 on a GPU; medfm runs float32
-unless ``dtype`` says otherwise.
+checkpoint lacks ``lm_model.*``, that folder's weights are used. The FLAN-T5 variant saves
+``t5_model.*`` (bf16) and ``t5_proj.*`` instead (its LM folder: google/flan-t5-xl). Weights are read
+with ``weights_only=True`` or safetensors only. The author's code runs the ViT and the LM in fp16
+(T5: bf16) on a GPU; medfm runs float32 unless ``dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -52,10 +56,10 @@ from medfm.vlm.model import MEDBLIP, VisionLanguageModel
 MEDBLIP_VOLUME_SIZE = 224
 #: GPT-2's causal-mask buffers, persistent in the transformers copy MedBLIP ships, absent from today's
 GPT2_MASK_BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
-#: what a checkpoint of MedBLIP's causal-LM model must hold, and the parts medfm reads
+#: what a MedBLIP checkpoint must hold (and ``proj.weight`` or ``t5_proj.weight``), and the parts medfm reads
 REQUIRED_KEYS = ("visual_encoder.patch_embed_3d.proj.weight", "visual_encoder.pos_embed_3d", "visual_encoder.cls_token",
-                 "ln_vision.weight", "ln_vision.bias", "Qformer.bert.embeddings.LayerNorm.weight", "query_tokens", "proj.weight")
-KNOWN_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.bert.", "query_tokens", "proj.", "lm_model.")
+                 "ln_vision.weight", "ln_vision.bias", "Qformer.bert.embeddings.LayerNorm.weight", "query_tokens")
+KNOWN_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.bert.", "query_tokens")
 #: the contrastive (ITC) heads of MedBLIP's training loss: in the checkpoint, not used to answer
 UNUSED_PREFIXES = ("vision_proj.", "text_proj.", "qa_proj.", "temp", "Qformer.cls.")
 
@@ -159,6 +163,37 @@ class MedBlipModel(VisionLanguageModel):
         return self.preprocess(image, source).to(self.device)
 
 
+class MedBlipT5Model(MedBlipModel):
+    """MedBLIP's FLAN-T5 variant (``modeling_medblip_t5.py``): T5's encoder reads the embedded prompt
+    (with the ``</s>`` T5's tokenizer ends it with) and then the image tokens; the decoder answers."""
+
+    def logits(self, embeds: Tensor, decoder_ids: Tensor | None = None) -> Tensor:
+        """(1, T, vocabulary) decoder logits over the encoder's ``embeds`` (default: the first step)."""
+        if decoder_ids is None:
+            decoder_ids = torch.tensor([[self.language_model.config.decoder_start_token_id]], device=embeds.device)
+        return self.language_model(inputs_embeds=embeds, decoder_input_ids=decoder_ids).logits
+
+    @torch.inference_mode()
+    def score(self, turns: Any, image: Any, continuations: Any) -> list[float]:
+        """The log-likelihood of each continuation as the decoder's answer (its tokens without
+        ``</s>``); the encoder runs once, the decoder on a right-padded batch of them."""
+        from medfm.errors import PromptError
+
+        prompt = self.prompt_format.render(turns, image is not None, self.tokenizer)
+        tokens = None if image is None else self.image_tokens(self.pixels(image))
+        encoded = self.language_model.get_encoder()(inputs_embeds=self.embed(prompt, tokens))
+        answers = [self.tokenizer(self.prompt_format.answer_opening + text, add_special_tokens=False).input_ids
+                   for text in continuations]
+        if not all(answers):
+            raise PromptError(f"a choice has no tokens: {list(continuations)}")
+        start, longest = self.language_model.config.decoder_start_token_id, max(map(len, answers))
+        batch = torch.tensor([[start, *ids] + [start] * (longest - len(ids)) for ids in answers], device=self.device)
+        hidden = encoded.last_hidden_state.expand(len(answers), -1, -1)
+        logits = self.language_model(encoder_outputs=(hidden,), decoder_input_ids=batch[:, :-1]).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return [float(log_probs[row, torch.arange(len(ids)), batch[row, 1:len(ids) + 1]].sum()) for row, ids in enumerate(answers)]
+
+
 def load_medblip(checkpoint: str | PathLike[str], language_model: str | PathLike[str], *,
                  dtype: torch.dtype | None = None) -> MedBlipModel:
     """MedBLIP from its trainer's ``checkpoint`` (``epochN.pth``) and the folder of its causal LM
@@ -170,21 +205,21 @@ def load_medblip(checkpoint: str | PathLike[str], language_model: str | PathLike
 
     checkpoint, lm_folder = Path(checkpoint), Path(language_model)
     state = load_state_dict_file(checkpoint)
-    if any(k.startswith(("t5_model.", "t5_proj.")) for k in state):
-        raise CheckpointError(checkpoint, "is MedBLIP's FLAN-T5 variant (t5_model.*), an encoder-decoder medfm does not "
-                              "load; the causal-LM variant (lm_model.*, proj.*: BioMedLM) loads")
-    for key in REQUIRED_KEYS:
+    t5 = any(k.startswith(("t5_model.", "t5_proj.")) for k in state)
+    lm_prefix, proj = ("t5_model.", "t5_proj.") if t5 else ("lm_model.", "proj.")
+    variant = "FLAN-T5" if t5 else "causal-LM"
+    for key in (*REQUIRED_KEYS, f"{proj}weight"):
         if key not in state:
-            raise CheckpointError(checkpoint, f"holds no {key}: not a checkpoint of MedBLIP's causal-LM model "
+            raise CheckpointError(checkpoint, f"holds no {key}: not a checkpoint of MedBLIP's {variant} model "
                                   "(its trainer's epochN.pth)")
-    left = sorted(k for k in state if not k.startswith(KNOWN_PREFIXES + UNUSED_PREFIXES))
+    left = sorted(k for k in state if not k.startswith((*KNOWN_PREFIXES, lm_prefix, proj, *UNUSED_PREFIXES)))
     if left:
-        raise CheckpointError(checkpoint, f"unexpected weights for MedBLIP: {', '.join(left[:4])}")
+        raise CheckpointError(checkpoint, f"unexpected weights for MedBLIP's {variant} model: {', '.join(left[:4])}")
     lm_config = {k: v for k, v in _read_config(lm_folder).items() if k not in {"architectures", "transformers_version"}}
     width = _lm_width(lm_config, lm_folder)
-    if width != state["proj.weight"].shape[0]:
-        raise CheckpointError(checkpoint, f"proj maps into {state['proj.weight'].shape[0]} dimensions, the LM in {lm_folder} "
-                              f"has {width}: is it the LM MedBLIP was trained with?")
+    if width != state[f"{proj}weight"].shape[0]:
+        raise CheckpointError(checkpoint, f"{proj}weight maps into {state[f'{proj}weight'].shape[0]} dimensions, the LM in "
+                              f"{lm_folder} has {width}: is it the LM MedBLIP was trained with?")
 
     vit = _split(state, "visual_encoder.")
     patch_weight, positions = vit.pop("patch_embed_3d.proj.weight"), vit.pop("pos_embed_3d")
@@ -219,22 +254,26 @@ def load_medblip(checkpoint: str | PathLike[str], language_model: str | PathLike
         qformer_state, qformer_config = _lavis_qformer_to_transformers(_split(state, "Qformer.bert."))
     except KeyError as error:
         raise CheckpointError(checkpoint, f"the Q-Former lacks Qformer.bert.{error.args[0]}") from error
-    projection = state["proj.weight"]  # (LM width, Q-Former width)
+    projection = state[f"{proj}weight"]  # (LM width, Q-Former width)
     connector = build_connector({"kind": "qformer", "config": qformer_config, "num_query_tokens": query_tokens.shape[1]},
                                 encoder.out_dim, projection.shape[0])
     connector_state = {f"qformer.{k}": v for k, v in qformer_state.items()} | {"query_tokens": query_tokens}
-    connector_state |= {f"projection.{k}": v for k, v in _split(state, "proj.").items()}
-    _load_strict(connector, connector_state, checkpoint, "Q-Former and proj")
+    connector_state |= {f"projection.{k}": v for k, v in _split(state, proj).items()}
+    _load_strict(connector, connector_state, checkpoint, f"Q-Former and {proj.rstrip('.')}")
 
-    lm_state = _split(state, "lm_model.")
+    lm_state = _split(state, lm_prefix)
     lm_source = checkpoint if lm_state else lm_folder
     if not lm_state:
         lm_state = read_folder_state(lm_folder)
-    lm_state = {k: v for k, v in lm_state.items() if not GPT2_MASK_BUFFERS.search(k)}
-    lm = _language_model(lm_config, lm_state, lm_source, dtype)
+    if t5:
+        lm = _t5_model(lm_config, lm_state, lm_source, dtype)
+    else:
+        lm_state = {k: v for k, v in lm_state.items() if not GPT2_MASK_BUFFERS.search(k)}
+        lm = _language_model(lm_config, lm_state, lm_source, dtype)
 
-    model = MedBlipModel("medblip", encoder, connector, lm, _tokenizer(lm_folder), MEDBLIP,
-                         MedBlipVolumePreprocess(grid * patch))  # type: ignore[arg-type]
+    kind = MedBlipT5Model if t5 else MedBlipModel
+    model = kind("medblip", encoder, connector, lm, _tokenizer(lm_folder), MEDBLIP,
+                 MedBlipVolumePreprocess(grid * patch))  # type: ignore[arg-type]
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -248,3 +287,26 @@ def _lm_width(config: dict[str, Any], folder: Path) -> int:
         return int(AutoConfig.for_model(**config).hidden_size)
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(folder / "config.json", f"is not a transformers LM config ({error})") from error
+
+
+def _t5_model(config: dict[str, Any], state: dict[str, Tensor], source: Path, dtype: torch.dtype | None) -> nn.Module:
+    """FLAN-T5 as MedBLIP builds it (``dense_act_fn = "gelu"`` set over the folder's config: exact
+    GELU in the gated feed-forward, not FLAN-T5's tanh approximation), loaded strictly from ``state``."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from medfm.vlm.formats import _load_strict
+
+    lm_config = AutoConfig.for_model(**config)
+    lm_config.dense_act_fn = "gelu"
+    model = AutoModelForSeq2SeqLM.from_config(lm_config, dtype=dtype or torch.float32)
+    embedding = model.get_input_embeddings().weight
+    head = state.get("lm_head.weight")
+    shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if head is not None and shared is not None and not torch.equal(head, shared):  # FLAN-T5's head is its own
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))
+    tied = [name for name, value in model.named_parameters(remove_duplicate=False) if value is embedding]
+    saved = next((name for name in tied if name in state), None)
+    if saved is not None:
+        state = {**state, **{name: state[saved] for name in tied if name not in state}}
+    _load_strict(model, state, source, "language model")
+    return model.eval()
