@@ -225,6 +225,8 @@ def test_medblip_matches_its_forward_on_a_volume(tmp_path, kind):
     turns = [(QUESTION, None)]
     prompt = model.prompt_format.render(turns)
     assert prompt == f"Question: {QUESTION} Answer: <image>"
+    follow_up = model.prompt_format.render([(QUESTION, "dementia"), ("is there atrophy ?", None)])
+    assert follow_up == f"Question: {QUESTION} Answer: <image>dementia Question: is there atrophy ? Answer: "
     lm = reference_lm(state, kind, len(model.tokenizer))
     with torch.no_grad():
         expected = medblip_reference(state, lm, kind, model.tokenizer, prompt.removesuffix("<image>"), pixels)
@@ -255,6 +257,9 @@ def test_medfm_ask_runs_medblip_on_a_whole_nifti_volume(tmp_path, capsys, monkey
     assert isinstance(answer, str)
     assert medfm.ask(volume, QUESTION, model="medblip", weights=tmp_path / "medblip",
                      choices=["dementia", "not demented"]) in {"dementia", "not demented"}
+    conversation = medfm.vlm.api.Conversation(volume, "medblip", weights=tmp_path / "medblip")
+    assert all(isinstance(conversation.say(text, max_new_tokens=2), str) for text in (QUESTION, "is there atrophy ?"))
+    assert isinstance(medfm.vlm.api.report(volume, conversation.model, max_new_tokens=2), str)
     monkeypatch.setattr("sys.argv", ["medfm", "ask", str(volume), QUESTION, "--model", "medblip", "--weights",
                                      str(tmp_path / "medblip"), "--max-new-tokens", "2", "--json"])
     with pytest.raises(SystemExit) as exit_info:

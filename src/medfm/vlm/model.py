@@ -86,8 +86,9 @@ MED_FLAMINGO = ImagePromptFormat("med-flamingo", PromptFormat(
     "answer. Follow the examples and answer the last question. ",
     user="{content}", assistant=" Answer: {content}<|endofchunk|>", reply=" Answer:", stop=("<|endofchunk|>",),
 ), image="<image>Question: ", placeholder="<image>")
-#: MedBLIP (Qybc/MedBLIP, causal-LM variant): ``Question: ... Answer: `` and then the image's query
-#: tokens, the answer right after them (its training and ``generate`` put the text before the image)
+#: MedBLIP (Qybc/MedBLIP; the LM, or FLAN-T5's encoder, reads ``Question: ... Answer: `` and then
+#: the image's query tokens, as its training and ``generate`` put the text before the image; the
+#: answer follows them; later turns are medfm's layout, MedBLIP was trained on one)
 MEDBLIP = ImagePromptFormat("medblip", PromptFormat(
     "medblip", user="Question: {content} Answer: ", assistant="{content} ", stop=("Question:",),
 ), image="<image>", placeholder="<image>", image_after_turn=True)
