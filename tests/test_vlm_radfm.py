@@ -22,6 +22,13 @@ RNG = np.random.default_rng(0)
 VOLUME = RNG.normal(100, 30, (7, 20, 24)).astype(np.float32)  # (Z, Y, X): 7 slices -> depth 8
 
 
+def volume_image(array: np.ndarray = VOLUME, path: Path | None = None):
+    """A `MedicalImage` volume of ``array`` (Z, Y, X), 1 mm voxels."""
+    from medfm.io import MedicalImage
+
+    return MedicalImage(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), metadata={"kind": "volume"}, path=path)
+
+
 def tiny_llama_tokenizer():
     """A word-level tokenizer with LLaMA's first three tokens and no image tokens (RadFM adds them)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -149,7 +156,8 @@ def radfm_reference(state: dict, lm, ids: list[int], vision_x: torch.Tensor) -> 
     latents = pr("latents")[None]
     for layer in range(2):
         b = f"layers.{layer}."
-        media, lat = ln(x, pr(b + "0.norm_media.weight"), pr(b + "0.norm_media.bias")), ln(latents, pr(b + "0.norm_latents.weight"), pr(b + "0.norm_latents.bias"))
+        media = ln(x, pr(b + "0.norm_media.weight"), pr(b + "0.norm_media.bias"))
+        lat = ln(latents, pr(b + "0.norm_latents.weight"), pr(b + "0.norm_latents.bias"))
         q = heads(F.linear(lat, pr(b + "0.to_q.weight"))) * 64 ** -0.5
         kk, vv = map(heads, F.linear(torch.cat([media, lat], dim=1), pr(b + "0.to_kv.weight")).chunk(2, dim=-1))
         sim = q @ kk.transpose(-1, -2)
@@ -198,10 +206,8 @@ def test_volume_preprocessing_matches_radfm_pipeline():
 
 
 def test_radfm_matches_radfm_forward_on_a_volume(radfm):
-    from medfm.io import MedicalImage
-
     model, folder, state = radfm
-    volume = MedicalImage(VOLUME, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), metadata={"kind": "volume"})
+    volume = volume_image()
     turns = [(QUESTION, None)]
     prompt = model.prompt_format.render(turns)
     assert prompt == "<image>" + "".join(f"<image{n}>" for n in range(LATENTS)) + "</image>" + QUESTION
@@ -217,9 +223,8 @@ def test_radfm_matches_radfm_forward_on_a_volume(radfm):
     assert actual.shape == (1, len(ids), vocabulary)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert text_only.shape[1] == len(ids) - LATENTS - 2
-    other = VOLUME[::-1].copy()  # the image matters
-    with torch.no_grad():
-        changed = model.logits(model.prepare(turns, MedicalImage(other, (1.0,) * 3, (0.0,) * 3, np.eye(3), metadata={"kind": "volume"})))
+    with torch.no_grad():  # the image matters
+        changed = model.logits(model.prepare(turns, volume_image(VOLUME[::-1].copy())))
     assert not torch.allclose(changed[0, -1], actual[0, -1], atol=1e-4)
 
 
@@ -251,14 +256,8 @@ def test_safetensors_copy_loads_the_same(radfm, tmp_path):
     (copy / "Language_files").symlink_to(folder / "Language_files")
     other = load_radfm(copy)
     with torch.no_grad():
-        embeds = model.prepare([(QUESTION, None)], VOLUME_IMAGE())
-        torch.testing.assert_close(other.logits(other.prepare([(QUESTION, None)], VOLUME_IMAGE())), model.logits(embeds), atol=0, rtol=0)
-
-
-def VOLUME_IMAGE():  # noqa: N802 - a fresh MedicalImage of VOLUME
-    from medfm.io import MedicalImage
-
-    return MedicalImage(VOLUME, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), metadata={"kind": "volume"})
+        expected = model.logits(model.prepare([(QUESTION, None)], volume_image()))
+        torch.testing.assert_close(other.logits(other.prepare([(QUESTION, None)], volume_image())), expected, atol=0, rtol=0)
 
 
 def test_ask_and_cli_on_a_nifti_volume(radfm, tmp_path, capsys, monkeypatch):
@@ -295,9 +294,7 @@ def test_a_2d_model_still_refuses_a_whole_volume(tmp_path):
     from medfm.vlm.api import image_2d, takes_volumes
 
     assert takes_volumes("radfm") and not takes_volumes("llava-med") and not takes_volumes(None)
-    from medfm.io import MedicalImage
-
-    volume = MedicalImage(VOLUME, (1.0,) * 3, (0.0,) * 3, np.eye(3), metadata={"kind": "volume"}, path=tmp_path / "v.nii.gz")
+    volume = volume_image(path=tmp_path / "v.nii.gz")
     assert image_2d(volume, volumes=True) is volume
     with pytest.raises(InputFileError, match="pass a slice"):
         image_2d(volume)

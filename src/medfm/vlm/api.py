@@ -33,9 +33,9 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
-    ``xraygpt``, ``med-flamingo`` or ``radfm`` (``weights=`` a folder of its downloads; RadFM reads whole volumes), or a LLaVA / LLaVA-Med /
-    transformers llava folder, or a folder `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA
-    folder whose tower is not inside it."""
+    ``xraygpt``, ``med-flamingo`` or ``radfm`` (``weights=`` a folder of its downloads; RadFM reads whole
+    volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder `medfm train-vlm` wrote.
+    ``vision_tower``: a local CLIP folder for a LLaVA folder whose tower is not inside it."""
     from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)

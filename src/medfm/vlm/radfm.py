@@ -269,8 +269,10 @@ class RadFMModel(VisionLanguageModel):
         super().__init__(name, encoder, connector, language_model, tokenizer, prompt_format, preprocess=None)
         self.figure_tokens = nn.Parameter(figure_tokens, requires_grad=False)
         self.image_size = image_size
-        self.image_ids = tokenizer.convert_tokens_to_ids(["<image>", *re.findall(r"<image\d+>", prompt_format.placeholder), "</image>"])
-        self._special = re.compile("(" + "|".join(re.escape(t) for t in sorted(tokenizer.all_special_tokens, key=len, reverse=True) if t) + ")")
+        placeholders = re.findall(r"<image\d+>", prompt_format.placeholder)
+        self.image_ids = tokenizer.convert_tokens_to_ids(["<image>", *placeholders, "</image>"])
+        specials = sorted((t for t in tokenizer.all_special_tokens if t), key=len, reverse=True)
+        self._special = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
 
     def pixels(self, image: ImageLike) -> Tensor:
         """(1, 3, 512, 512, D): a volume (file or `MedicalImage`) whole, a 2D image 4 deep."""
@@ -278,7 +280,8 @@ class RadFMModel(VisionLanguageModel):
             image = read_image(image)
         if isinstance(image, MedicalImage) and image.is_volume:
             if image.channels != 1:
-                raise InputFileError(image.path, f"is a volume with {image.channels} channels per voxel; RadFM takes a grey volume")
+                raise InputFileError(image.path, f"is a volume with {image.channels} channels per voxel; "
+                                     "RadFM takes a grey volume")
             return volume_pixels(image.array, self.image_size).unsqueeze(0).to(self.device)
         return image_pixels(image_rgb(image), self.image_size).unsqueeze(0).to(self.device)
 
