@@ -273,6 +273,12 @@ def test_ask_and_cli_on_a_nifti_volume(radfm, tmp_path, capsys, monkeypatch):
     assert isinstance(answer, str)
     assert len(model.score([(QUESTION, None)], medfm.read_image(path), ["yes", "no"])) == 2
     assert isinstance(medfm.ask(path, QUESTION, model, slice_index=3, max_new_tokens=2), str)  # one slice, 4 deep
+    assert isinstance(medfm.report(path, model, max_new_tokens=2), str)
+    from medfm.vlm.api import Conversation
+
+    chat = Conversation(path, model)
+    chat.say(QUESTION, max_new_tokens=2)
+    assert chat.image.is_volume and isinstance(chat.say("describe", max_new_tokens=2), str)
 
     def run(*argv: str) -> tuple[int, str, str]:
         monkeypatch.setattr("sys.argv", ["medfm", *argv])
