@@ -260,6 +260,13 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "LLaMA-7B folder and openai/clip-vit-large-patch14 (transformers layout)",
         "Med-Flamingo: OpenFlamingo (CLIP ViT-L/14 + LLaMA-7B) tuned on medical papers, from a folder", prompts=("text",),
     ),
+    ModelEntry(
+        "radfm", "vlm", "radfm", f"{_VLM}:build_radfm",
+        "none:radfm needs weights=FOLDER holding its pytorch_model.bin (hub: chaoyi-wu/RadFM, a split zip to "
+        "join and unzip) and Language_files/ from its repository's Quick_demo (LLaMA-13B config and tokenizer)",
+        "RadFM: 3D ViT + perceiver + LLaMA-13B over whole volumes (2D images repeated along depth), from a folder",
+        prompts=("text",), options={"volumes": True},
+    ),
 )
 
 _BY_NAME = {entry.name: entry for entry in ENTRIES}

@@ -33,9 +33,9 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
-    ``xraygpt`` or ``med-flamingo`` (``weights=`` a folder of its downloads), or a LLaVA / LLaVA-Med /
-    transformers llava folder, or a folder `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA
-    folder whose tower is not inside it."""
+    ``xraygpt``, ``med-flamingo`` or ``radfm`` (``weights=`` a folder of its downloads; RadFM reads whole
+    volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder `medfm train-vlm` wrote.
+    ``vision_tower``: a local CLIP folder for a LLaVA folder whose tower is not inside it."""
     from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)
@@ -128,6 +128,16 @@ def build_med_flamingo(entry: ModelEntry, *, weights: str | PathLike[str] | None
     return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype).to(device)
 
 
+def build_radfm(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
+                device: str = "cpu", dtype: Any = None) -> Model:
+    """RadFM from a folder holding its ``pytorch_model.bin`` and the repository's ``Language_files``."""
+    from medfm.vlm.radfm import load_radfm
+
+    if weights is None:
+        raise MedfmError(entry.weights_location)
+    return load_radfm(weights, dtype=dtype).to(device)
+
+
 def build_expert_pipeline(entry: ModelEntry, *, weights: object = None, vision_tower: object = None,
                           device: str = "cpu", dtype: Any = None) -> Model:
     """The experts-to-text pipeline over the registered models its ``parts:`` name."""
@@ -155,11 +165,23 @@ def resolve_model(model: Model | str | None, weights: str | PathLike[str] | None
     return cached(str(model or DEFAULT_MODEL)) if weights is None else load(model, weights=weights)
 
 
-def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None) -> MedicalImage:
-    """The 2D image a question is about: a file or `MedicalImage`, a volume's slice ``slice_index``."""
+def takes_volumes(model: Model | str | None) -> bool:
+    """True for a model (loaded, or a registered name) that reads a whole volume (RadFM)."""
+    if hasattr(model, "answer"):
+        return bool(getattr(model, "takes_volumes", False))
+    entry = registry.lookup(str(model or DEFAULT_MODEL), "vlm")
+    return entry is not None and bool(entry.options.get("volumes"))
+
+
+def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None,
+             volumes: bool = False) -> MedicalImage:
+    """The 2D image a question is about: a file or `MedicalImage`, a volume's slice ``slice_index``;
+    with ``volumes`` (a model that `takes_volumes`), a volume without ``slice_index`` whole."""
     if not isinstance(image, MedicalImage):
         image = read_image(image)
     if image.is_volume:
+        if slice_index is None and volumes:
+            return image
         if slice_index is None:
             raise InputFileError(image.path, f"is a 3D volume ({image.array.shape[0]} slices); the image encoders "
                                  "here are 2D: pass a slice (--slice K)")
@@ -197,7 +219,7 @@ def ask(image: str | PathLike[str] | MedicalImage, question: str, model: Model |
     exactly as given. Bad input is refused before the model loads."""
     question = check_question(question)
     options = check_choices(choices) if choices is not None else None
-    picture = image_2d(image, slice_index)
+    picture = image_2d(image, slice_index, takes_volumes(model))
     network = resolve_model(model, weights)
     if options is not None:
         scores = network.score([(question, None)], picture, options)
@@ -212,7 +234,7 @@ def report(image: str | PathLike[str] | MedicalImage, model: Model | str | None 
            weights: str | PathLike[str] | None = None, slice_index: int | None = None, max_new_tokens: int = 200,
            stream: Callable[[str], None] | None = None) -> str:
     """A findings-style draft for ``image`` (research use: a draft to check, not a report)."""
-    picture = image_2d(image, slice_index)
+    picture = image_2d(image, slice_index, takes_volumes(model))
     request = REPORT_REQUESTS.get(picture.modality if picture.modality == "dermoscopy" else None)
     return resolve_model(model, weights).answer([(request, None)], picture, max_new_tokens=max_new_tokens, stream=stream)
 
@@ -222,7 +244,7 @@ class Conversation:
 
     def __init__(self, image: str | PathLike[str] | MedicalImage, model: Model | str | None = None, *,
                  weights: str | PathLike[str] | None = None, slice_index: int | None = None) -> None:
-        self.image = image_2d(image, slice_index)
+        self.image = image_2d(image, slice_index, takes_volumes(model))
         self.model = resolve_model(model, weights)
         self.turns: list[tuple[str, str | None]] = []
 
