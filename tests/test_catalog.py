@@ -166,7 +166,8 @@ def test_support_tells_the_truth_today():
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
     # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
     # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
-    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo", "medblip"}
+    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo", "medblip",
+                "radfm"}
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
     assert all(card.medfm_names for card in list_models(support="architecture") if card.id != "biovil-t")
     # MedCLIP's semantic-matching loss trains medfm's dual encoders; AutoSAM's prompt generator is a recipe

@@ -267,6 +267,13 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "MedBLIP: whole 3D volumes through EVA ViT-g with a 3D patch embedding + Q-Former + BioMedLM or FLAN-T5, from a folder",
         prompts=("text",), options={"input": "volume"},
     ),
+    ModelEntry(
+        "radfm", "vlm", "radfm", f"{_VLM}:build_radfm",
+        "none:radfm needs weights=FOLDER holding its pytorch_model.bin (hub: chaoyi-wu/RadFM, a split zip to "
+        "join and unzip) and Language_files/ from its repository's Quick_demo (LLaMA-13B config and tokenizer)",
+        "RadFM: 3D ViT + perceiver + LLaMA-13B over whole volumes (2D images repeated along depth), from a folder",
+        prompts=("text",), options={"volumes": True},
+    ),
 )
 
 _BY_NAME = {entry.name: entry for entry in ENTRIES}

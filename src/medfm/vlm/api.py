@@ -33,9 +33,9 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
-    ``xraygpt``, ``med-flamingo`` or ``medblip`` (``weights=`` a folder of its files), or a LLaVA / LLaVA-Med /
-    transformers llava folder, or a folder `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA
-    folder whose tower is not inside it."""
+    ``xraygpt``, ``med-flamingo``, ``medblip`` or ``radfm`` (``weights=`` a folder of its files; medblip
+    and radfm read whole volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder
+    `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA folder whose tower is not inside it."""
     from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)
@@ -128,6 +128,16 @@ def build_med_flamingo(entry: ModelEntry, *, weights: str | PathLike[str] | None
     return load_med_flamingo(folder / "model.pt", kinds["llama"][0], kinds["clip"][0], dtype=dtype).to(device)
 
 
+def build_radfm(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
+                device: str = "cpu", dtype: Any = None) -> Model:
+    """RadFM from a folder holding its ``pytorch_model.bin`` and the repository's ``Language_files``."""
+    from medfm.vlm.radfm import load_radfm
+
+    if weights is None:
+        raise MedfmError(entry.weights_location)
+    return load_radfm(weights, dtype=dtype).to(device)
+
+
 def build_medblip(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
                   device: str = "cpu", dtype: Any = None) -> Model:
     """MedBLIP from a folder holding the checkpoint its trainer saved (one ``.pth`` or
@@ -174,8 +184,17 @@ def resolve_model(model: Model | str | None, weights: str | PathLike[str] | None
 
 
 def takes_volumes(model: Model | str | None) -> bool:
-    """True for a model that reads whole 3D volumes (MedBLIP): a loaded one that says so, or a
-    registered name whose entry says ``input: volume``. Cheap: no model is loaded."""
+    """True for a model that reads whole 3D volumes (MedBLIP, RadFM): a loaded one that says so, or a
+    registered name whose entry says so (``input: volume``: volumes only; ``volumes``: 2D images too).
+    Cheap: no model is loaded."""
+    if hasattr(model, "answer"):
+        return bool(getattr(model, "volumetric", False) or getattr(model, "takes_volumes", False))
+    entry = registry.lookup(str(model or DEFAULT_MODEL), "vlm")
+    return entry is not None and (entry.options.get("input") == "volume" or bool(entry.options.get("volumes")))
+
+
+def _volumes_only(model: Model | str | None) -> bool:
+    """True for a 3D model that takes no 2D image and no single slice (MedBLIP)."""
     if hasattr(model, "answer"):
         return bool(getattr(model, "volumetric", False))
     entry = registry.lookup(str(model or DEFAULT_MODEL), "vlm")
@@ -183,9 +202,12 @@ def takes_volumes(model: Model | str | None) -> bool:
 
 
 def model_image(image: str | PathLike[str] | MedicalImage, slice_index: int | None, model: Model | str | None) -> MedicalImage:
-    """What ``model`` is asked about: the whole volume for a 3D model, else `image_2d`."""
+    """What ``model`` is asked about: the whole volume for a 3D model (RadFM also a 2D image or a
+    slice), else `image_2d`."""
     if not takes_volumes(model):
         return image_2d(image, slice_index)
+    if not _volumes_only(model):
+        return image_2d(image, slice_index, volumes=True)
     if not isinstance(image, MedicalImage):
         image = read_image(image)
     name = getattr(model, "name", model)
@@ -196,11 +218,15 @@ def model_image(image: str | PathLike[str] | MedicalImage, slice_index: int | No
     return image
 
 
-def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None) -> MedicalImage:
-    """The 2D image a question is about: a file or `MedicalImage`, a volume's slice ``slice_index``."""
+def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None,
+             volumes: bool = False) -> MedicalImage:
+    """The 2D image a question is about: a file or `MedicalImage`, a volume's slice ``slice_index``;
+    with ``volumes`` (a model that `takes_volumes`), a volume without ``slice_index`` whole."""
     if not isinstance(image, MedicalImage):
         image = read_image(image)
     if image.is_volume:
+        if slice_index is None and volumes:
+            return image
         if slice_index is None:
             raise InputFileError(image.path, f"is a 3D volume ({image.array.shape[0]} slices); the image encoders "
                                  "here are 2D: pass a slice (--slice K)")
