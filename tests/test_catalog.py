@@ -46,7 +46,7 @@ SAM_FAMILY = {"SAM", "MedSAM", "LiteMedSAM", "SAM-Med2D", "Medical SAM Adapter",
 MEDFM_MODELS = {"medfm-litemedsam-ft", "medfm-litemedsam-clicks", "medfm-clip-small", "medfm-experts-smollm2", "medfm-vlm-small",
                 "medfm-lm-small"}  # medfm's own, beside the survey's systems
 NO_PUBLIC_WEIGHTS = {
-    "Med-PaLM 2", "Med-PaLM M", "GMAI", "Clinical-BERT", "Visual Med-Alpaca", "MedBLIP",
+    "Med-PaLM 2", "Med-PaLM M", "GMAI", "Clinical-BERT", "Visual Med-Alpaca",
 }
 CARDS_DIR = Path(str(resources.files("medfm.catalog") / "cards"))
 
@@ -166,7 +166,8 @@ def test_support_tells_the_truth_today():
     # MSA publishes no weights: medfm runs its architecture on the user's own checkpoints; BioViL-T's
     # prior-image fusion is built and tested, its weights not loaded; the published medical LMs load
     # from the user's folder or their hub id, tested on tiny random checkpoints in their layouts
-    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo", "radfm"}
+    language = {"pmc-llama", "clinicalgpt", "biomedlm", "biogpt", "llava-med", "xraygpt", "med-flamingo", "medblip",
+                "radfm"}
     assert {card.id for card in list_models(support="architecture")} == {"msa", "biovil-t"} | language
     assert all(card.medfm_names for card in list_models(support="architecture") if card.id != "biovil-t")
     # MedCLIP's semantic-matching loss trains medfm's dual encoders; AutoSAM's prompt generator is a recipe

@@ -468,14 +468,13 @@ def retrieve(
 
 
 VLM_MODEL_HELP = ("medfm-experts-smollm2 (default: medfm-clip-small describes the image in text, SmolLM2-135M "
-                  "answers from that text; it never sees pixels), llava-med, xraygpt, med-flamingo or radfm (--weights FOLDER; "
-                  "radfm reads a whole volume), "
-                  "or a LLaVA / llava folder.")
+                  "answers from that text; it never sees pixels), llava-med, xraygpt or med-flamingo (--weights FOLDER), "
+                  "medblip or radfm (--weights FOLDER; read whole 3D volumes), or a LLaVA / llava folder.")
 
 
 @app.command()
 def ask(
-    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with --model radfm).")],
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with medblip or radfm, which read it whole).")],
     question: Annotated[str, typer.Argument(help="The question, in quotes.")],
     model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
@@ -498,7 +497,7 @@ def ask(
 
 @app.command()
 def report(
-    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with --model radfm).")],
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with medblip or radfm, which read it whole).")],
     model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest draft, in tokens.")] = 200,
@@ -513,7 +512,7 @@ def report(
 
 @app.command()
 def chat(
-    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with --model radfm).")],
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG, DICOM or NIfTI (a volume needs --slice, except with medblip or radfm, which read it whole).")],
     model: Annotated[Optional[str], typer.Option(help=VLM_MODEL_HELP)] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local folder of the named model's published weights.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 128,

@@ -136,11 +136,15 @@ def load_strict(module: Any, state: Mapping[str, Any], source: str | PathLike[st
     """Load ``state`` into the torch ``module``: every parameter must be there (except those
     ``may_miss`` allows, e.g. frozen backbones that come from elsewhere) and nothing more, or a
     `CheckpointError` names ``source``, the ``part`` when given, and the first keys that differ."""
-    result = module.load_state_dict(state, strict=False)
+    what = "weights do not match the architecture" if part is None else f"the {part}'s weights do not match its architecture"
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # torch raises (one message, many lines) on tensors of the wrong shape
+        mismatches = [line.strip().rstrip(".") for line in str(error).splitlines() if "size mismatch" in line]
+        raise CheckpointError(source, f"{what}: " + "; ".join(mismatches[:2] or [_first_line(error)])) from error
     missing = [key for key in result.missing_keys if not may_miss(key)]
     problems = [f"missing {key}" for key in missing[:5]] + [f"unexpected {key}" for key in result.unexpected_keys[:5]]
     if problems:
-        what = "weights do not match the architecture" if part is None else f"the {part}'s weights do not match its architecture"
         raise CheckpointError(source, f"{what}: " + ", ".join(problems))
 
 

@@ -261,6 +261,13 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "Med-Flamingo: OpenFlamingo (CLIP ViT-L/14 + LLaMA-7B) tuned on medical papers, from a folder", prompts=("text",),
     ),
     ModelEntry(
+        "medblip", "vlm", "medblip", f"{_VLM}:build_medblip",
+        "none:MedBLIP publishes no weights: pass weights=FOLDER holding a checkpoint its trainer saved (epochN.pth, "
+        "BioMedLM or FLAN-T5 variant) and the LM's folder (config.json + tokenizer, e.g. stanford-crfm/BioMedLM)",
+        "MedBLIP: whole 3D volumes through EVA ViT-g with a 3D patch embedding + Q-Former + BioMedLM or FLAN-T5, from a folder",
+        prompts=("text",), options={"input": "volume"},
+    ),
+    ModelEntry(
         "radfm", "vlm", "radfm", f"{_VLM}:build_radfm",
         "none:radfm needs weights=FOLDER holding its pytorch_model.bin (hub: chaoyi-wu/RadFM, a split zip to "
         "join and unzip) and Language_files/ from its repository's Quick_demo (LLaMA-13B config and tokenizer)",

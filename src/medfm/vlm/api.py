@@ -33,9 +33,9 @@ def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | Path
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
     """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
-    ``xraygpt``, ``med-flamingo`` or ``radfm`` (``weights=`` a folder of its downloads; RadFM reads whole
-    volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder `medfm train-vlm` wrote.
-    ``vision_tower``: a local CLIP folder for a LLaVA folder whose tower is not inside it."""
+    ``xraygpt``, ``med-flamingo``, ``medblip`` or ``radfm`` (``weights=`` a folder of its files; medblip
+    and radfm read whole volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder
+    `medfm train-vlm` wrote. ``vision_tower``: a local CLIP folder for a LLaVA folder whose tower is not inside it."""
     from medfm.vlm.formats import load_llava_folder
 
     name = str(name_or_path or DEFAULT_MODEL)
@@ -138,6 +138,24 @@ def build_radfm(entry: ModelEntry, *, weights: str | PathLike[str] | None = None
     return load_radfm(weights, dtype=dtype).to(device)
 
 
+def build_medblip(entry: ModelEntry, *, weights: str | PathLike[str] | None = None, vision_tower: object = None,
+                  device: str = "cpu", dtype: Any = None) -> Model:
+    """MedBLIP from a folder holding the checkpoint its trainer saved (one ``.pth`` or
+    ``.safetensors``: ``epochN.pth``) and its LM's folder (``config.json`` + tokenizer, e.g.
+    stanford-crfm/BioMedLM, or google/flan-t5-xl for the FLAN-T5 variant)."""
+    from medfm.vlm.medblip import load_medblip
+
+    folder = Path(weights) if weights is not None else None
+    if folder is None or not folder.is_dir():
+        raise MedfmError(entry.weights_location)
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in {".pth", ".pt", ".bin", ".safetensors"}]
+    lms = [p for p in sorted(folder.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+    if len(files) != 1 or len(lms) != 1:
+        raise InputFileError(folder, f"needs exactly one MedBLIP checkpoint (.pth/.safetensors, {len(files)} found) and one "
+                             f"LM folder with config.json ({len(lms)} found)")
+    return load_medblip(files[0], lms[0], dtype=dtype).to(device)
+
+
 def build_expert_pipeline(entry: ModelEntry, *, weights: object = None, vision_tower: object = None,
                           device: str = "cpu", dtype: Any = None) -> Model:
     """The experts-to-text pipeline over the registered models its ``parts:`` name."""
@@ -166,11 +184,38 @@ def resolve_model(model: Model | str | None, weights: str | PathLike[str] | None
 
 
 def takes_volumes(model: Model | str | None) -> bool:
-    """True for a model (loaded, or a registered name) that reads a whole volume (RadFM)."""
+    """True for a model that reads whole 3D volumes (MedBLIP, RadFM): a loaded one that says so, or a
+    registered name whose entry says so (``input: volume``: volumes only; ``volumes``: 2D images too).
+    Cheap: no model is loaded."""
     if hasattr(model, "answer"):
-        return bool(getattr(model, "takes_volumes", False))
+        return bool(getattr(model, "volumetric", False) or getattr(model, "takes_volumes", False))
     entry = registry.lookup(str(model or DEFAULT_MODEL), "vlm")
-    return entry is not None and bool(entry.options.get("volumes"))
+    return entry is not None and (entry.options.get("input") == "volume" or bool(entry.options.get("volumes")))
+
+
+def _volumes_only(model: Model | str | None) -> bool:
+    """True for a 3D model that takes no 2D image and no single slice (MedBLIP)."""
+    if hasattr(model, "answer"):
+        return bool(getattr(model, "volumetric", False))
+    entry = registry.lookup(str(model or DEFAULT_MODEL), "vlm")
+    return entry is not None and entry.options.get("input") == "volume"
+
+
+def model_image(image: str | PathLike[str] | MedicalImage, slice_index: int | None, model: Model | str | None) -> MedicalImage:
+    """What ``model`` is asked about: the whole volume for a 3D model (RadFM also a 2D image or a
+    slice), else `image_2d`."""
+    if not takes_volumes(model):
+        return image_2d(image, slice_index)
+    if not _volumes_only(model):
+        return image_2d(image, slice_index, volumes=True)
+    if not isinstance(image, MedicalImage):
+        image = read_image(image)
+    name = getattr(model, "name", model)
+    if not image.is_volume:
+        raise InputFileError(image.path, f"is a 2D image: {name} reads whole 3D volumes (NIfTI, DICOM series)")
+    if slice_index is not None:
+        raise InputFileError(image.path, f"{name} reads the whole volume: leave out --slice")
+    return image
 
 
 def image_2d(image: str | PathLike[str] | MedicalImage, slice_index: int | None = None,
@@ -215,11 +260,11 @@ def ask(image: str | PathLike[str] | MedicalImage, question: str, model: Model |
         choices: Sequence[str] | None = None, *, weights: str | PathLike[str] | None = None,
         slice_index: int | None = None, max_new_tokens: int = 128, stream: Callable[[str], None] | None = None) -> str:
     """The model's answer to ``question`` about ``image`` (a 2D file or `MedicalImage`; a volume
-    with ``slice_index``). With ``choices``: the choice the model gives the highest log-likelihood,
-    exactly as given. Bad input is refused before the model loads."""
+    with ``slice_index``, or whole for a 3D model such as medblip). With ``choices``: the choice the
+    model gives the highest log-likelihood, exactly as given. Bad input is refused before the model loads."""
     question = check_question(question)
     options = check_choices(choices) if choices is not None else None
-    picture = image_2d(image, slice_index, takes_volumes(model))
+    picture = model_image(image, slice_index, model)
     network = resolve_model(model, weights)
     if options is not None:
         scores = network.score([(question, None)], picture, options)
@@ -234,7 +279,7 @@ def report(image: str | PathLike[str] | MedicalImage, model: Model | str | None 
            weights: str | PathLike[str] | None = None, slice_index: int | None = None, max_new_tokens: int = 200,
            stream: Callable[[str], None] | None = None) -> str:
     """A findings-style draft for ``image`` (research use: a draft to check, not a report)."""
-    picture = image_2d(image, slice_index, takes_volumes(model))
+    picture = model_image(image, slice_index, model)
     request = REPORT_REQUESTS.get(picture.modality if picture.modality == "dermoscopy" else None)
     return resolve_model(model, weights).answer([(request, None)], picture, max_new_tokens=max_new_tokens, stream=stream)
 
@@ -244,7 +289,7 @@ class Conversation:
 
     def __init__(self, image: str | PathLike[str] | MedicalImage, model: Model | str | None = None, *,
                  weights: str | PathLike[str] | None = None, slice_index: int | None = None) -> None:
-        self.image = image_2d(image, slice_index, takes_volumes(model))
+        self.image = model_image(image, slice_index, model)
         self.model = resolve_model(model, weights)
         self.turns: list[tuple[str, str | None]] = []
 

@@ -81,8 +81,12 @@ def _language_model(config: dict[str, Any], state: dict[str, Tensor], source: Pa
 
     lm_config = AutoConfig.for_model(**config)
     model = AutoModelForCausalLM.from_config(lm_config, dtype=dtype or torch.float32)
-    if getattr(lm_config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    if getattr(lm_config, "tie_word_embeddings", False):  # a tied output layer may be saved once, under either name
+        embedding = model.get_input_embeddings().weight
+        tied = [name for name, value in model.named_parameters(remove_duplicate=False) if value is embedding]
+        saved = next((name for name in tied if name in state), None)
+        if saved is not None:
+            state = {**state, **{name: state[saved] for name in tied}}
     _load_strict(model, state, source, "language model")
     return model.eval()
 

@@ -29,12 +29,14 @@ Turns = Sequence[tuple[str, str | None]]
 class ImagePromptFormat:
     """How a model's conversations about an image are written: the turns in a `medfm.lm`
     ``text`` format, the first question opened by ``image``, which holds the ``placeholder``
-    where the image's tokens go."""
+    where the image's tokens go (``image_after_turn``: ``image`` follows the first question's
+    whole turn instead, as MedBLIP puts the image after ``Question: ... Answer: ``)."""
 
     name: str
     text: PromptFormat
     image: str = "<image>\n"
     placeholder: str = "<image>"
+    image_after_turn: bool = False
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -48,12 +50,19 @@ class ImagePromptFormat:
 
     def render(self, turns: Turns, image: bool = True, tokenizer: Any = None) -> str:
         """The prompt text of ``turns`` (the image in the first question when ``image``)."""
+        opening = image and not self.image_after_turn
         messages = []
         for index, (question, answer) in enumerate(turns):
-            messages.append({"role": "user", "content": (self.image if image and index == 0 else "") + question})
+            messages.append({"role": "user", "content": (self.image if opening and index == 0 else "") + question})
             if answer is not None:
                 messages.append({"role": "assistant", "content": answer})
-        return render(self.text, messages, tokenizer)
+        text = render(self.text, messages, tokenizer)
+        if image and self.image_after_turn:
+            first_turn = self.text.system + self.text.user.format(content=turns[0][0])
+            if not text.startswith(first_turn):
+                raise PromptError(f"the {self.name} format cannot place the image after the first question")
+            text = first_turn + self.image + text[len(first_turn):]
+        return text
 
 
 #: LLaVA-Med v1.5 (``--conv-mode mistral_instruct``)
@@ -77,7 +86,13 @@ MED_FLAMINGO = ImagePromptFormat("med-flamingo", PromptFormat(
     "answer. Follow the examples and answer the last question. ",
     user="{content}", assistant=" Answer: {content}<|endofchunk|>", reply=" Answer:", stop=("<|endofchunk|>",),
 ), image="<image>Question: ", placeholder="<image>")
-FORMATS = {f.name: f for f in (LLAVA_MED, LLAVA, XRAYGPT, MED_FLAMINGO)}
+#: MedBLIP (Qybc/MedBLIP; the LM, or FLAN-T5's encoder, reads ``Question: ... Answer: `` and then
+#: the image's query tokens, as its training and ``generate`` put the text before the image; the
+#: answer follows them; later turns are medfm's layout, MedBLIP was trained on one)
+MEDBLIP = ImagePromptFormat("medblip", PromptFormat(
+    "medblip", user="Question: {content} Answer: ", assistant="{content} ", stop=("Question:",),
+), image="<image>", placeholder="<image>", image_after_turn=True)
+FORMATS = {f.name: f for f in (LLAVA_MED, LLAVA, XRAYGPT, MED_FLAMINGO, MEDBLIP)}
 
 
 class VisionLanguageModel(nn.Module):
