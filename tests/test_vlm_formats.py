@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from medfm.vlm.formats import load_llava_folder
-from tests.vlm_tiny import VISION, llama_config, tiny_tokenizer
+from tests.vlm_tiny import QFORMER, VISION, lavis_qformer_layers, lavis_qformer_reference, llama_config, tiny_tokenizer
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
 QUESTION = "is there a pleural effusion ?"
@@ -199,7 +199,6 @@ def test_transformers_llava_matches_transformers(tmp_path, layout):
 # XrayGPT (MiniGPT-4: EVA ViT + ln_vision + BLIP-2 Q-Former + llama_proj)
 
 EVA = {"hidden": 176, "layers": 2, "heads": 2, "mlp": 96, "patch": 14, "image": 28}  # head width 88, as ViT-g
-QF = {"hidden": 128, "layers": 2, "mlp": 48, "queries": 3}  # head width 64, as BERT-base
 
 
 def write_xraygpt(folder: Path) -> tuple[Path, Path, Path]:
@@ -213,31 +212,18 @@ def write_xraygpt(folder: Path) -> tuple[Path, Path, Path]:
     h, f = EVA["hidden"], EVA["mlp"]
     blip2 = {"visual_encoder.cls_token": r(1, 1, h), "visual_encoder.pos_embed": r(1, 5, h),
              "visual_encoder.patch_embed.proj.weight": r(h, 3, 14, 14), "visual_encoder.patch_embed.proj.bias": r(h),
-             "ln_vision.weight": 1 + r(h), "ln_vision.bias": r(h), "query_tokens": r(1, QF["queries"], QF["hidden"])}
+             "ln_vision.weight": 1 + r(h), "ln_vision.bias": r(h), "query_tokens": r(1, QFORMER["queries"], QFORMER["hidden"])}
     for i in range(EVA["layers"]):
         b = f"visual_encoder.blocks.{i}."
         blip2 |= {b + "norm1.weight": 1 + r(h), b + "norm1.bias": r(h), b + "attn.qkv.weight": r(3 * h, h),
                   b + "attn.q_bias": r(h), b + "attn.v_bias": r(h), b + "attn.proj.weight": r(h, h), b + "attn.proj.bias": r(h),
                   b + "norm2.weight": 1 + r(h), b + "norm2.bias": r(h), b + "mlp.fc1.weight": r(f, h), b + "mlp.fc1.bias": r(f),
                   b + "mlp.fc2.weight": r(h, f), b + "mlp.fc2.bias": r(h)}
-    q, m = QF["hidden"], QF["mlp"]
+    q = QFORMER["hidden"]
     blip2 |= {"Qformer.bert.embeddings.LayerNorm.weight": 1 + r(q), "Qformer.bert.embeddings.LayerNorm.bias": r(q),
               "Qformer.bert.embeddings.word_embeddings.weight": r(30, q), "Qformer.bert.embeddings.position_embeddings.weight": r(8, q),
               "Qformer.cls.predictions.bias": r(30)}
-    for i in range(QF["layers"]):
-        b = f"Qformer.bert.encoder.layer.{i}."
-        attentions = ["attention"] + (["crossattention"] if i % 2 == 0 else [])
-        for attention in attentions:
-            width = h if attention == "crossattention" else q
-            for name in ("query", "key", "value"):
-                blip2 |= {f"{b}{attention}.self.{name}.weight": r(q, q if name == "query" else width),
-                          f"{b}{attention}.self.{name}.bias": r(q)}
-            blip2 |= {f"{b}{attention}.output.dense.weight": r(q, q), f"{b}{attention}.output.dense.bias": r(q),
-                      f"{b}{attention}.output.LayerNorm.weight": 1 + r(q), f"{b}{attention}.output.LayerNorm.bias": r(q)}
-        for branch in ("", "_query"):  # the text FFN (unused by MiniGPT-4) and the query FFN
-            blip2 |= {f"{b}intermediate{branch}.dense.weight": r(m, q), f"{b}intermediate{branch}.dense.bias": r(m),
-                      f"{b}output{branch}.dense.weight": r(q, m), f"{b}output{branch}.dense.bias": r(q),
-                      f"{b}output{branch}.LayerNorm.weight": 1 + r(q), f"{b}output{branch}.LayerNorm.bias": r(q)}
+    blip2 |= lavis_qformer_layers(r, h)
     folder.mkdir(parents=True)
     torch.save({"model": blip2}, folder / "blip2_pretrained_flant5xxl.pth")
     tokenizer = tiny_tokenizer()
@@ -267,24 +253,7 @@ def minigpt4_reference(blip2: dict, proj: dict, lm, tokenizer, prompt: str, pixe
         x = x + F.linear(F.gelu(F.linear(y, v(b + "mlp.fc1.weight"), v(b + "mlp.fc1.bias"))), v(b + "mlp.fc2.weight"), v(b + "mlp.fc2.bias"))
     image = F.layer_norm(x, (h,), blip2["ln_vision.weight"], blip2["ln_vision.bias"], eps=1e-6)
 
-    qb = lambda n: blip2[f"Qformer.bert.{n}"]  # noqa: E731
-    q = QF["hidden"]
-    ln = lambda t, n: F.layer_norm(t, (q,), qb(n + ".weight"), qb(n + ".bias"), eps=1e-12)  # noqa: E731
-    lin = lambda t, n: F.linear(t, qb(n + ".weight"), qb(n + ".bias"))  # noqa: E731
-
-    def attend(t, context, n):
-        split = lambda z: z.reshape(1, -1, q // 64, 64).transpose(1, 2)  # noqa: E731
-        scores = split(lin(t, n + ".self.query")) @ split(lin(context, n + ".self.key")).transpose(-2, -1) / 8.0
-        out = (torch.softmax(scores, -1) @ split(lin(context, n + ".self.value"))).transpose(1, 2).reshape(1, -1, q)
-        return ln(t + lin(out, n + ".output.dense"), n + ".output.LayerNorm")
-
-    t = ln(blip2["query_tokens"], "embeddings.LayerNorm")
-    for i in range(QF["layers"]):
-        b = f"encoder.layer.{i}."
-        t = attend(t, t, b + "attention")
-        if i % 2 == 0:
-            t = attend(t, image, b + "crossattention")
-        t = ln(t + lin(F.gelu(lin(t, b + "intermediate_query.dense")), b + "output_query.dense"), b + "output_query.LayerNorm")
+    t = lavis_qformer_reference(blip2, image)
     tokens = F.linear(t, proj["llama_proj.weight"], proj["llama_proj.bias"])[0]
     before, after = prompt.split("<ImageHere>")
     table = lm.get_input_embeddings().weight

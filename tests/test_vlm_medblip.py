@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.vlm_tiny import QFORMER, lavis_qformer_layers, lavis_qformer_reference
+
 EVA = {"hidden": 176, "layers": 2, "heads": 2, "mlp": 96, "patch": 4, "grid": 3}  # head width 88, as ViT-g
-QF = {"hidden": 128, "layers": 2, "mlp": 48, "queries": 3}  # head width 64, as BERT-base
 LM_WIDTH, POSITIONS = 32, 64
 WORDS = ["Question:", "Answer:", "what", "will", "this", "subject", "be", "diagnosed", "with", "?", "dementia", "not",
          "demented", "mild", "cognitive", "impairment", "the", "brain", "is", "atrophy", "no", "yes", "."]
@@ -80,7 +81,7 @@ def write_medblip(folder: Path, kind: str = "gpt2", lm_in_checkpoint: bool = Tru
     h, f, p = EVA["hidden"], EVA["mlp"], EVA["patch"]
     state = {"visual_encoder.cls_token": small(1, 1, h), "visual_encoder.pos_embed_3d": small(1, 1 + EVA["grid"] ** 3, h),
              "visual_encoder.patch_embed_3d.proj.weight": small(h, 1, p, p, p), "visual_encoder.patch_embed_3d.proj.bias": small(h),
-             "ln_vision.weight": 1 + r(h), "ln_vision.bias": r(h), "query_tokens": r(1, QF["queries"], QF["hidden"])}
+             "ln_vision.weight": 1 + r(h), "ln_vision.bias": r(h), "query_tokens": r(1, QFORMER["queries"], QFORMER["hidden"])}
     for i in range(EVA["layers"]):
         b = f"visual_encoder.blocks.{i}."
         state |= {b + "norm1.weight": 1 + r(h), b + "norm1.bias": r(h), b + "attn.qkv.weight": half(r(3 * h, h)),
@@ -88,23 +89,11 @@ def write_medblip(folder: Path, kind: str = "gpt2", lm_in_checkpoint: bool = Tru
                   b + "attn.proj.bias": half(small(h)), b + "norm2.weight": 1 + r(h), b + "norm2.bias": r(h),
                   b + "mlp.fc1.weight": half(r(f, h)), b + "mlp.fc1.bias": half(r(f)), b + "mlp.fc2.weight": half(small(h, f)),
                   b + "mlp.fc2.bias": half(small(h))}
-    q, m = QF["hidden"], QF["mlp"]
+    q = QFORMER["hidden"]
     # MedBLIP sets Qformer.cls, word_embeddings and position_embeddings to None: only the buffer stays
     state |= {"Qformer.bert.embeddings.LayerNorm.weight": 1 + r(q), "Qformer.bert.embeddings.LayerNorm.bias": r(q),
               "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1)}
-    for i in range(QF["layers"]):
-        b = f"Qformer.bert.encoder.layer.{i}."
-        for attention in ["attention"] + (["crossattention"] if i % 2 == 0 else []):
-            width = h if attention == "crossattention" else q
-            for name in ("query", "key", "value"):
-                state |= {f"{b}{attention}.self.{name}.weight": r(q, q if name == "query" else width),
-                          f"{b}{attention}.self.{name}.bias": r(q)}
-            state |= {f"{b}{attention}.output.dense.weight": r(q, q), f"{b}{attention}.output.dense.bias": r(q),
-                      f"{b}{attention}.output.LayerNorm.weight": 1 + r(q), f"{b}{attention}.output.LayerNorm.bias": r(q)}
-        for branch in ("", "_query"):  # the text FFN (unused to answer) and the query FFN
-            state |= {f"{b}intermediate{branch}.dense.weight": r(m, q), f"{b}intermediate{branch}.dense.bias": r(m),
-                      f"{b}output{branch}.dense.weight": r(q, m), f"{b}output{branch}.dense.bias": r(q),
-                      f"{b}output{branch}.LayerNorm.weight": 1 + r(q), f"{b}output{branch}.LayerNorm.bias": r(q)}
+    state |= lavis_qformer_layers(r, h)
     state |= {f"{name}_proj.{kind_}": r(16, q) if kind_ == "weight" else r(16) for name in ("vision", "text", "qa")
               for kind_ in ("weight", "bias")}
     state |= {"temp": torch.tensor(0.07), "proj.weight": r(LM_WIDTH, q), "proj.bias": r(LM_WIDTH)}
@@ -170,24 +159,7 @@ def medblip_reference(state: dict, lm, kind: str, tokenizer, prompt: str, volume
     tokens] (``MedBLIPModel_biomedlm.generate``'s first step)."""
     s = {k: v.float() for k, v in state.items()}
     image = eva_3d_reference(state, volume)
-    qb = lambda n: s[f"Qformer.bert.{n}"]  # noqa: E731
-    q = QF["hidden"]
-    ln = lambda t, n: F.layer_norm(t, (q,), qb(n + ".weight"), qb(n + ".bias"), eps=1e-12)  # noqa: E731
-    lin = lambda t, n: F.linear(t, qb(n + ".weight"), qb(n + ".bias"))  # noqa: E731
-
-    def attend(t, context, n):
-        split = lambda z: z.reshape(1, -1, q // 64, 64).transpose(1, 2)  # noqa: E731
-        scores = split(lin(t, n + ".self.query")) @ split(lin(context, n + ".self.key")).transpose(-2, -1) / 8.0
-        out = (torch.softmax(scores, -1) @ split(lin(context, n + ".self.value"))).transpose(1, 2).reshape(1, -1, q)
-        return ln(t + lin(out, n + ".output.dense"), n + ".output.LayerNorm")
-
-    t = ln(s["query_tokens"], "embeddings.LayerNorm")
-    for i in range(QF["layers"]):
-        b = f"encoder.layer.{i}."
-        t = attend(t, t, b + "attention")
-        if i % 2 == 0:
-            t = attend(t, image, b + "crossattention")
-        t = ln(t + lin(F.gelu(lin(t, b + "intermediate_query.dense")), b + "output_query.dense"), b + "output_query.LayerNorm")
+    t = lavis_qformer_reference(s, image)
     tokens = F.linear(t, s["proj.weight"], s["proj.bias"])
     if kind == "image-tokens":
         return tokens
@@ -232,7 +204,7 @@ def test_medblip_matches_its_forward_on_a_volume(tmp_path, kind):
         expected = medblip_reference(state, lm, kind, model.tokenizer, prompt.removesuffix("<image>"), pixels)
         actual = model.logits(model.prepare(turns, volume))
         torch.testing.assert_close(model.encoder(pixels), eva_3d_reference(state, pixels), atol=1e-5, rtol=0)
-    assert actual.shape[1] == len(model.tokenizer(prompt.removesuffix("<image>")).input_ids) + QF["queries"]
+    assert actual.shape[1] == len(model.tokenizer(prompt.removesuffix("<image>")).input_ids) + QFORMER["queries"]
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert isinstance(model.answer(turns, volume, max_new_tokens=3), str)
     scores = model.score(turns, volume, ["dementia", "not demented"])
