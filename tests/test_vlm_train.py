@@ -89,6 +89,9 @@ def test_stage1_then_stage2_write_loadable_folders(data, lm_folder, tmp_path):
     second = train_vlm(_config(2, data, lm_folder, tmp_path / "s2", base=tmp_path / "s1"), log=lambda _: None)
     config = json.loads((second.best / "config.json").read_text())
     assert config["lora"]["r"] == 2 and config["sha256"]["model.safetensors"]
+    stage1 = json.loads((first.best / "config.json").read_text())
+    assert config["training"]["base"] == {"name": stage1["name"], "step": stage1["training"]["step"],
+                                          "sha256": stage1["sha256"]["model.safetensors"]}
     from safetensors.torch import load_file
 
     keys = load_file(str(second.best / "model.safetensors"))

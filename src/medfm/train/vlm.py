@@ -260,6 +260,10 @@ def train_vlm(config: VLMTrainConfig, log: Callable[[str], None] = print) -> VLM
 
     training = {"stage": config.stage, "data": [str(p) for p in config.data], "seed": config.seed,
                 "batch_size": config.batch_size, "lr": config.lr or DEFAULT_LR[config.stage], "bf16": bf16}
+    if config.base is not None:  # the weights it started from, so a continued model says which
+        base = small.read_config(base_folder(config.base))
+        training["base"] = {"name": base.get("name"), "step": base.get("training", {}).get("step"),
+                            "sha256": base.get("sha256", {}).get("model.safetensors")}
     output.mkdir(parents=True, exist_ok=True)
     out_of_time = lambda: budget is not None and spent() >= 1.0  # noqa: E731
     model.train()
