@@ -444,13 +444,13 @@ def test_real_model_on_a_real_server_matches_the_expert_mask() -> None:
 
 
 def test_real_ask_model_on_a_real_server_answers() -> None:
-    """The default /ask model (medfm-clip-small's findings, SmolLM2-135M's words) behind uvicorn:
+    """The default /ask model (medfm-vlm-small: medfm-clip-small's tower, SmolLM2-135M's words) behind uvicorn:
     it loads on the first question, answers in words, and picks one of the given choices."""
     app = create_app(ServeSettings())
     with running(app) as url, httpx.Client(base_url=url, timeout=120) as http:
         image_id = http.post("/v1/images", files={"file": ("busi.png", PNG.read_bytes())}).json()["id"]
-        answer = http.post(f"/v1/images/{image_id}/ask", json={"question": "What kind of image is this?", "max_new_tokens": 24}).json()
-        assert answer["model"] == "medfm-experts-smollm2" and len(answer["answer"].split()) >= 2, answer
+        answer = http.post(f"/v1/images/{image_id}/ask", json={"question": "Describe the image briefly.", "max_new_tokens": 24}).json()
+        assert answer["model"] == "medfm-vlm-small" and len(answer["answer"].split()) >= 2, answer
         chosen = http.post(f"/v1/images/{image_id}/ask", json={"question": "Is there a tumour?", "choices": ["yes", "no"]}).json()
         assert chosen["answer"] in {"yes", "no"}
-        assert http.get("/v1/models").json()["ask"] == [{"name": "medfm-experts-smollm2", "default": True, "loaded": True}]
+        assert http.get("/v1/models").json()["ask"] == [{"name": "medfm-vlm-small", "default": True, "loaded": True}]

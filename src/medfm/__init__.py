@@ -63,8 +63,8 @@ def classify(image, labels, model=None, **options) -> dict[str, float]:  # noqa:
 
 def ask(image, question: str, model=None, choices=None, **options) -> str:  # noqa: ANN001 - see medfm.vlm.api.ask
     """The answer to ``question`` about ``image`` (a path or a `MedicalImage`); with ``choices``, the
-    one the model scores highest by log-likelihood. Default model ``medfm-experts-smollm2``: the
-    image described as text by medfm-clip-small, answered by SmolLM2-135M (offline; research use).
+    one the model scores highest by log-likelihood. Default model ``medfm-vlm-small``: medfm-clip-small's
+    image tower, a connector and SmolLM2-135M with LoRA trained here (offline; research use).
 
     See `medfm.vlm.api.ask` (``slice_index=``, ``max_new_tokens=``, ``stream=``); imported on first use.
     """

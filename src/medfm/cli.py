@@ -467,7 +467,8 @@ def retrieve(
                  [(str(rank), str(path), f"{score:.4f}") for rank, (path, score) in enumerate(hits, 1)])
 
 
-VLM_MODEL_HELP = ("medfm-experts-smollm2 (default: medfm-clip-small describes the image in text, SmolLM2-135M "
+VLM_MODEL_HELP = ("medfm-vlm-small (default: medfm-clip-small's image tower, a trained connector and SmolLM2-135M "
+                  "with LoRA), medfm-experts-smollm2 (medfm-clip-small describes the image in text, SmolLM2-135M "
                   "answers from that text; it never sees pixels), llava-med, xraygpt or med-flamingo (--weights FOLDER), "
                   "medblip or radfm (--weights FOLDER; read whole 3D volumes), or a LLaVA / llava folder.")
 
@@ -570,7 +571,7 @@ def serve(
     token: Annotated[Optional[str], typer.Option(envvar="MEDFM_TOKEN", help="Bearer token every /v1 call must send (or MEDFM_TOKEN).", show_default=False)] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 512,
     model: Annotated[Optional[list[str]], typer.Option(help="Segmentation model(s) to serve, the first the default; repeatable.")] = None,
-    ask_model: Annotated[str, typer.Option(help="Vision-language model of /ask: medfm-experts-smollm2 or a LLaVA / llava folder; loaded on the first question.")] = "medfm-experts-smollm2",
+    ask_model: Annotated[str, typer.Option(help="Vision-language model of /ask: medfm-vlm-small, medfm-experts-smollm2, or a LLaVA / llava folder; loaded on the first question.")] = "medfm-vlm-small",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
     idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,

@@ -34,7 +34,7 @@ DEFAULTS = {
     "segment": "medfm-litemedsam-ft",
     "clip": "medfm-clip-small",
     "lm": "smollm2-135m",
-    "vlm": "medfm-experts-smollm2",
+    "vlm": "medfm-vlm-small",
 }
 
 

@@ -31,7 +31,7 @@ class ServeSettings:
     classify_model: str = "medfm-clip-small"
     #: The vision-language model of /ask (a `medfm.vlm.api.load` name or folder; its default), loaded on the
     #: first question (a literal here: importing medfm.vlm would load torch before the settings are checked).
-    ask_model: str = "medfm-experts-smollm2"
+    ask_model: str = "medfm-vlm-small"
     #: Questions /ask holds at once, the one being answered included; more are refused with 503.
     max_questions: int = 8
     device: str = "cpu"

