@@ -260,9 +260,29 @@ def test_an_unknown_ask_model_stops_the_server_before_it_listens(monkeypatch, ti
                           ("xraygpt", "needs a folder of its published downloads")):
         with pytest.raises(MedfmError, match=problem):
             serve(ServeSettings(ask_model=name))
+    with pytest.raises(MedfmError, match="--ask-weights /no/such/folder: no such folder"):
+        serve(ServeSettings(ask_model="radfm", ask_weights=Path("/no/such/folder")))
+    with pytest.raises(MedfmError, match="medblip reads whole volumes only; /ask answers about one slice"):
+        serve(ServeSettings(ask_model="medblip", ask_weights=Path(tiny_llava)))
     assert not started
     serve(ServeSettings(ask_model=str(tiny_llava)))  # a LLaVA folder is accepted (and the model not loaded yet)
     assert started == [True]
+
+
+def test_ask_serves_a_published_layout_from_ask_weights(tiny_model, tmp_path) -> None:
+    """--ask-model radfm --ask-weights FOLDER: /ask answers about a slice as medfm.ask does with weights=."""
+    from tests.test_vlm_radfm import write_radfm
+
+    from medfm.vlm.api import ask, load
+
+    folder = tmp_path / "RadFM"
+    write_radfm(folder)
+    question = "is there a pleural effusion ?"
+    with make_client(tiny_model, tmp_path, ask_model="radfm", ask_weights=folder) as client:
+        volume_id = upload(client, CT)["id"]
+        chosen = client.post(f"/v1/images/{volume_id}/ask", json={"question": question, "choices": ["yes", "no"], "slice": 15}).json()
+    model = load("radfm", weights=folder)
+    assert chosen == {"answer": ask(medfm.read_image(CT).slice(15), question, model, ["yes", "no"]), "model": "radfm"}
 
 
 def test_idle_uploads_are_deleted(client) -> None:

@@ -571,7 +571,8 @@ def serve(
     token: Annotated[Optional[str], typer.Option(envvar="MEDFM_TOKEN", help="Bearer token every /v1 call must send (or MEDFM_TOKEN).", show_default=False)] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 512,
     model: Annotated[Optional[list[str]], typer.Option(help="Segmentation model(s) to serve, the first the default; repeatable.")] = None,
-    ask_model: Annotated[str, typer.Option(help="Vision-language model of /ask: medfm-vlm-small, medfm-experts-smollm2, or a LLaVA / llava folder; loaded on the first question.")] = "medfm-vlm-small",
+    ask_model: Annotated[str, typer.Option(help="Vision-language model of /ask: medfm-vlm-small, medfm-experts-smollm2, radfm, llava-med, xraygpt or med-flamingo (with --ask-weights), or a LLaVA / llava folder; loaded on the first question.")] = "medfm-vlm-small",
+    ask_weights: Annotated[Optional[Path], typer.Option(help="Local folder of the --ask-model's published weights.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     cache_mb: Annotated[float, typer.Option(help="Memory for cached image embeddings (least recently used dropped first).")] = 1024,
     idle_minutes: Annotated[float, typer.Option(help="Delete an uploaded image after this long unused.")] = 60,
@@ -582,7 +583,7 @@ def serve(
     from medfm.serve import ServeSettings, serve as run_server
 
     run_server(ServeSettings(host=host, port=port, token=token, max_upload_mb=max_upload_mb, models=tuple(model or ()),
-                             ask_model=ask_model, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images,
+                             ask_model=ask_model, ask_weights=ask_weights, device=device, cache_mb=cache_mb, idle_minutes=idle_minutes, max_images=max_images,
                              max_questions=max_questions))
 
 

@@ -32,6 +32,8 @@ class ServeSettings:
     #: The vision-language model of /ask (a `medfm.vlm.api.load` name or folder; its default), loaded on the
     #: first question (a literal here: importing medfm.vlm would load torch before the settings are checked).
     ask_model: str = "medfm-vlm-small"
+    #: A local folder of the /ask model's published files (radfm, llava-med, xraygpt, med-flamingo).
+    ask_weights: Path | None = None
     #: Questions /ask holds at once, the one being answered included; more are refused with 503.
     max_questions: int = 8
     device: str = "cpu"
@@ -70,9 +72,15 @@ def serve(settings: ServeSettings) -> None:
         from medfm.serve.app import create_app
     except ImportError as error:
         raise MissingDependencyError(error.name or "fastapi", "serve", "medfm serve") from error
-    from medfm.vlm.api import check_name
+    from medfm.vlm.api import check_name, volumes_only
 
-    check_name(settings.ask_model)  # a wrong --ask-model is the operator's mistake: say so now, not at the first question
+    # a wrong --ask-model or --ask-weights is the operator's mistake: say so now, not at the first question
+    check_name(settings.ask_model, settings.ask_weights is not None)
+    if settings.ask_weights is not None and not Path(settings.ask_weights).is_dir():
+        raise OptionError(f"--ask-weights {settings.ask_weights}: no such folder")
+    if volumes_only(settings.ask_model):
+        raise OptionError(f"--ask-model {settings.ask_model} reads whole volumes only; /ask answers about one slice "
+                          "(use medfm ask on the volume)")
     app = create_app(settings)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"medfm serve: open http://{address}:{settings.port}/" + ("#token=<your token>" if settings.token else ""), flush=True)

@@ -152,7 +152,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     store = ImageStore(root, settings.idle_minutes * 60)
     cache = EmbeddingCache(int(settings.cache_mb * 2**20))
     segmenter = Segmenter(models, cache, settings.encode_workers, settings.decode_workers)
-    asker = Asker(settings.ask_model, settings.device, settings.max_questions)
+    asker = Asker(settings.ask_model, settings.device, settings.max_questions, settings.ask_weights)
     max_upload = int(settings.max_upload_mb * 2**20)
 
     @contextlib.asynccontextmanager

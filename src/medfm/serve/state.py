@@ -221,8 +221,8 @@ class Asker:
     At most ``max_questions`` are held at once (the one running included): a longer queue would only
     grow the server's memory and every client's wait, so more are refused with `QuestionsFull`."""
 
-    def __init__(self, source: str, device: str, max_questions: int = 8) -> None:
-        self.source, self.device, self.max_questions = source, device, max_questions
+    def __init__(self, source: str, device: str, max_questions: int = 8, weights: Path | None = None) -> None:
+        self.source, self.device, self.max_questions, self.weights = source, device, max_questions, weights
         #: The name clients see and send: a folder is named by its last part, not its path on the server.
         self.name = Path(source).name if Path(source).is_dir() else source
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="medfm-ask")
@@ -245,7 +245,7 @@ class Asker:
         from medfm.vlm.api import ask, load
 
         if self.model is None:
-            self.model = load(self.source, device=self.device)
+            self.model = load(self.source, weights=self.weights, device=self.device)
         return ask(image, question, self.model, choices, max_new_tokens=max_new_tokens)
 
     def close(self) -> None:

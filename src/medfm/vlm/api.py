@@ -194,7 +194,7 @@ def takes_volumes(model: Model | str | None) -> bool:
     return entry is not None and (entry.options.get("input") == "volume" or bool(entry.options.get("volumes")))
 
 
-def _volumes_only(model: Model | str | None) -> bool:
+def volumes_only(model: Model | str | None) -> bool:
     """True for a 3D model that takes no 2D image and no single slice (MedBLIP)."""
     if hasattr(model, "answer"):
         return bool(getattr(model, "volumetric", False))
@@ -207,7 +207,7 @@ def model_image(image: str | PathLike[str] | MedicalImage, slice_index: int | No
     slice), else `image_2d`."""
     if not takes_volumes(model):
         return image_2d(image, slice_index)
-    if not _volumes_only(model):
+    if not volumes_only(model):
         return image_2d(image, slice_index, volumes=True)
     if not isinstance(image, MedicalImage):
         image = read_image(image)
