@@ -5,11 +5,13 @@ challenge's best CPU entry took 9 s per 3D case). The bundled real CT is small (
 so it is resampled to 100x512x512 (trilinear image, nearest labels) to give an organ of the target
 size; timings then cover reading nothing from disk, only segmentation: per-volume normalisation,
 lazy encoding, and propagation. ``--slice-steps`` encode only every K-th slice (and the box's end
-slices) and interpolate between; ``--precisions bf16`` runs the encoder in bfloat16 where the CPU has it;
+slices) and interpolate between; ``--refine-below D`` adds, for each step above 1, a run that also
+segments the slice between two key slices whose masks overlap with a Dice below D (an adaptive step); ``--precisions bf16`` runs the encoder in bfloat16 where the CPU has it;
 ``--backends torch openvino`` runs the encoder on torch and on OpenVINO (``medfm.load(..., backend=)``),
 one after the other in this process, on the same volume.
 
     .venv/bin/python benchmarks/volume_speed.py [--label 5] [--threads 2] [--slice-steps 1 4]
+                                                [--refine-below 0.9]
                                                 [--precisions fp32 bf16] [--backends torch openvino]
                                                 [--batch-size 1] [--json]
 
@@ -57,7 +59,7 @@ def upsampled_case(label: int) -> tuple[MedicalImage, np.ndarray]:
 
 
 def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slice_step: int, batch_size: int,
-        backend: str = "torch") -> dict:
+        backend: str = "torch", refine_below: float | None = None) -> dict:
     """One timed 3D segmentation (after a warm-up on a few slices) and its Dice against the organ."""
     box = Box3D.from_mask(organ)
     predictor = medfm.load(model, backend=backend).predictor(precision=precision)
@@ -65,10 +67,12 @@ def run(image: MedicalImage, organ: np.ndarray, model: str, precision: str, slic
     middle = (box.z0 + box.z1) // 2
     warm = dataclasses.replace(image, array=image.array[middle : middle + 2].copy())
     segment_volume(predictor, warm, [Box3D(box.x0, box.y0, 0, box.x1, box.y1, 1)])
-    result = segment_volume(predictor, image, [box], slice_step=slice_step, batch_size=batch_size)
+    result = segment_volume(predictor, image, [box], slice_step=slice_step, refine_below=refine_below,
+                            batch_size=batch_size)
     ours = result.label_map == 1
     return {
-        "backend": backend, "precision": precision, "slice_step": slice_step, "organ_slices": box.z1 - box.z0 + 1,
+        "backend": backend, "precision": precision, "slice_step": slice_step, "refine_below": refine_below,
+        "organ_slices": box.z1 - box.z0 + 1,
         "slices_encoded": result.encoded_slices, "seconds": round(result.seconds, 2),
         "seconds_per_encoded_slice": round(result.seconds / max(1, result.encoded_slices), 3),
         "dice": round(dice(ours, organ), 4),
@@ -81,6 +85,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1, help="slices per encoder call (1 is fastest on CPUs)")
     parser.add_argument("--slice-steps", type=int, nargs="+", default=[1, 4], help="segment every K-th slice, interpolate between")
+    parser.add_argument("--refine-below", type=float, nargs="*", default=[],
+                        help="for each slice step above 1, also run it refined at these Dice thresholds")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                         help="default: fp32, and bf16 where the CPU has native bfloat16")
     parser.add_argument("--backends", nargs="+", choices=["torch", "openvino"], default=["torch"],
@@ -91,18 +97,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     precisions = args.precisions or (["fp32", "bf16"] if bf16_supported() else ["fp32"])
     image, organ = upsampled_case(args.label)
-    rows = [run(image, organ, args.model, precision, step, args.batch_size, backend)
-            for backend in args.backends for precision in precisions for step in args.slice_steps]
+    rows = [run(image, organ, args.model, precision, step, args.batch_size, backend, refine)
+            for backend in args.backends for precision in precisions for step in args.slice_steps
+            for refine in ([None, *args.refine_below] if step > 1 else [None])]
     if args.json:
         print(json.dumps({"volume": list(image.array.shape), "threads": args.threads, "model": args.model, "runs": rows}))
         return
     from litemedsam_speed import cpu_name  # this folder is on sys.path when run as a script
 
     print(f"{args.model}, volume {image.array.shape}, {args.threads} threads, batch size {args.batch_size}, {cpu_name()}")
-    print("| backend | precision | slice step | organ slices | encoded | seconds | s / encoded slice | Dice |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backend | precision | slice step | refine below | organ slices | encoded | seconds | s / encoded slice | Dice |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['backend']} | {row['precision']} | {row['slice_step']} | {row['organ_slices']} | {row['slices_encoded']} | "
+        refine = "-" if row["refine_below"] is None else row["refine_below"]
+        print(f"| {row['backend']} | {row['precision']} | {row['slice_step']} | {refine} | {row['organ_slices']} | {row['slices_encoded']} | "
               f"{row['seconds']:.1f} | {row['seconds_per_encoded_slice']:.3f} | {row['dice']:.4f} |")
 
 

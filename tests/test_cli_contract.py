@@ -112,6 +112,8 @@ def test_folder_outputs_keep_clear_of_inputs(tmp_path) -> None:
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--box3d", "0", "0", "3", "50", "50"], "--box3d takes 6 numbers"),
     (["--slice-step", "0", "--box3d", "0", "0", "0", "5", "5", "2"], "slice step must be a whole number >= 1"),
+    (["--slice-step", "4", "--refine-below", "1.5", "--box3d", "0", "0", "0", "5", "5", "2"], "refine-below must be a Dice"),
+    (["--refine-below", "0.9", "--box3d", "0", "0", "0", "5", "5", "2"], "give a slice step above 1 with it"),
     (["--box", "215", "107", "215", "132"], "has zero area"),
     (["--box3d", "0", "0", "0", "5", "5", "2", "--uncertainty", "u.nii.gz"], "--uncertainty works on a 2D image"),
 ])

@@ -229,11 +229,14 @@ def test_cli_slice_step_reaches_segment_volume(tiny_model, monkeypatch, tmp_path
     seen = []
     real = medfm.segment.volume.segment_volume
     monkeypatch.setattr(medfm.segment.run, "load", lambda *args, **kwargs: tiny_model)
-    monkeypatch.setattr(medfm.segment.run, "segment_volume", lambda *a, **k: seen.append(k["slice_step"]) or real(*a, **k))
+    monkeypatch.setattr(medfm.segment.run, "segment_volume",
+                        lambda *a, **k: seen.append((k["slice_step"], k["refine_below"])) or real(*a, **k))
     out = tmp_path / "m.nii.gz"
     volume_args = ["segment", str(CT), "--modality", "CT", "--box3d", "10", "10", "3", "60", "50", "7", "-o", str(out)]
-    assert _run_cli(monkeypatch, *volume_args, "--slice-step", "3") == 0 and seen == [3] and out.exists()
-    assert _run_cli(monkeypatch, *volume_args) == 0 and seen == [3, 1]
+    assert _run_cli(monkeypatch, *volume_args, "--slice-step", "3") == 0 and seen == [(3, None)] and out.exists()
+    assert _run_cli(monkeypatch, *volume_args) == 0 and seen == [(3, None), (1, None)]
+    assert _run_cli(monkeypatch, *volume_args, "--slice-step", "4", "--refine-below", "0.9") == 0
+    assert seen[-1] == (4, 0.9)
     assert _run_cli(monkeypatch, *volume_args, "--slice-step", "0") == 2
     assert "slice step must be a whole number >= 1" in capsys.readouterr().err
 
@@ -245,12 +248,15 @@ def test_evaluate_slice_step_reaches_the_volume_path(tiny_model, monkeypatch, tm
     case = Case("ct", "example", CT, kidney, "CT", {2: "kidney_right"}, is_volume=True)
     seen = []
     real = medfm.evaluate.runner.segment_volume
-    monkeypatch.setattr(medfm.evaluate.runner, "segment_volume", lambda *a, **k: seen.append(k["slice_step"]) or real(*a, **k))
-    rows = medfm.evaluate.runner.evaluate([tiny_model], [case], slice_step=3).rows
-    assert seen == [3] and [(r.label, r.prompt) for r in rows] == [(2, "box3d")]
+    monkeypatch.setattr(medfm.evaluate.runner, "segment_volume",
+                        lambda *a, **k: seen.append((k["slice_step"], k["refine_below"])) or real(*a, **k))
+    rows = medfm.evaluate.runner.evaluate([tiny_model], [case], slice_step=3, refine_below=0.8).rows
+    assert seen == [(3, 0.8)] and [(r.label, r.prompt) for r in rows] == [(2, "box3d")]
     with pytest.raises(OptionError, match="slice step"):
         medfm.evaluate.runner.evaluate([tiny_model], [case], slice_step=0)
-    assert seen == [3]  # refused before any case
+    with pytest.raises(OptionError, match="refine-below"):
+        medfm.evaluate.runner.evaluate([tiny_model], [case], slice_step=3, refine_below=2.0)
+    assert len(seen) == 1  # refused before any case
     captured = {}
 
     def fake_evaluate(models: list, data: Path, **options: object) -> None:
@@ -259,5 +265,61 @@ def test_evaluate_slice_step_reaches_the_volume_path(tiny_model, monkeypatch, tm
 
     monkeypatch.setattr(medfm.evaluate.runner, "evaluate", fake_evaluate)
     (tmp_path / "data").mkdir()
-    assert _run_cli(monkeypatch, "evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e"), "--slice-step", "5") == 2
-    assert captured["slice_step"] == 5
+    assert _run_cli(monkeypatch, "evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e"), "--slice-step", "5",
+                    "--refine-below", "0.95") == 2
+    assert captured["slice_step"] == 5 and captured["refine_below"] == 0.95
+
+
+# --- refine_below: an adaptive step, bisecting between key slices whose masks disagree ---------------
+
+
+def _exact(fake: FakePredictor, slices: range) -> np.ndarray:
+    return np.stack([fake.field(z, None) > THRESHOLD for z in slices])
+
+
+def test_refinement_adds_no_key_slices_where_neighbouring_keys_agree() -> None:
+    box = Box3D(0, 0, 1, 31, 31, 18)
+    even = segment_volume(FakePredictor(_disk(lambda z: 6.0)), _volume(), [box], slice_step=4)
+    refined = segment_volume(FakePredictor(_disk(lambda z: 6.0)), _volume(), [box], slice_step=4, refine_below=0.9)
+    assert refined.key_slices == even.key_slices and refined.encoded_slices == even.encoded_slices
+    np.testing.assert_array_equal(refined.label_map, even.label_map)
+
+
+def test_refinement_bisects_down_to_the_slice_where_the_shape_jumps() -> None:
+    radius = lambda z: 9.0 if z < 12 else 3.0  # a step in z: keys on either side disagree (Dice 0.2)
+    box = Box3D(0, 0, 0, 31, 31, 19)  # start 9, step 8: keys 17, 19 upwards, 1, 0 downwards
+    even = segment_volume(FakePredictor(_disk(radius)), _volume(), [box], slice_step=8)
+    fake = FakePredictor(_disk(radius))
+    refined = segment_volume(fake, _volume(), [box], slice_step=8, refine_below=0.9)
+    assert refined.key_slices[1] == [0, 1, 9, 11, 12, 13, 17, 19]  # 9 -> 17 bisected at 13, 11, 12
+    assert sorted(fake.encoded) == refined.key_slices[1] and refined.slices[1] == list(range(20))
+    exact = _exact(fake, range(20))
+    np.testing.assert_array_equal(refined.label_map == 1, exact)  # every slice as if segmented one by one
+    assert not np.array_equal(even.label_map == 1, exact)  # which the even step misses
+
+
+def test_refinement_finds_where_the_structure_ends() -> None:
+    fake = FakePredictor(_disk(lambda z: 6.0 if z < 14 else -4.0))
+    prompt = VolumePrompt(Box3D(0, 0, 4, 31, 31, 19), 1, start_slice=9)
+    result = segment_volume(fake, _volume(), [prompt], slice_step=8, refine_below=0.9)
+    assert result.key_slices[1] == [4, 9, 13, 14, 15, 17]  # 17 is empty: bisected at 13, 15, then 14
+    areas = (result.label_map == 1).sum(axis=(1, 2))
+    assert (areas[4:14] == areas[9]).all() and areas[14:].sum() == 0  # full disks up to the last slice, then nothing
+
+
+def test_a_middle_slice_is_prompted_by_the_box_of_both_key_masks() -> None:
+    radius = lambda z: 4.0 if z < 10 else 10.0
+    fake = FakePredictor(_disk(radius))
+    segment_volume(fake, _volume(), [VolumePrompt(Box3D(3, 0, 6, 31, 31, 14), 1, start_slice=6)], margin=1,
+                   slice_step=8, refine_below=0.9)  # keys 6, 14 disagree: 10 is segmented from their union
+    large = Box.from_mask(fake.field(14, None) > THRESHOLD)
+    assert fake.prompted[10] == [Box(max(large.x0 - 4, 3), large.y0 - 4, large.x1 + 4, large.y1 + 4)]
+
+
+@pytest.mark.parametrize(("refine_below", "slice_step", "message"), [
+    (0, 4, "Dice in"), (1.5, 4, "Dice in"), ("0.9", 4, "Dice in"), (0.9, 1, "slice step above 1")])
+def test_refine_below_out_of_range_is_an_option_error(refine_below, slice_step, message) -> None:
+    fake = FakePredictor(_disk(lambda z: 6.0))
+    with pytest.raises(OptionError, match=message):
+        segment_volume(fake, _volume(), [Box3D(0, 0, 0, 5, 5, 5)], slice_step=slice_step, refine_below=refine_below)
+    assert fake.calls == []

@@ -130,6 +130,7 @@ def segment(
     box3d: Annotated[Optional[list[str]], typer.Option(help="3D box X0 Y0 Z0 X1 Y1 Z1 (voxels, inclusive); repeat for more labels.", metavar="X0 Y0 Z0 X1 Y1 Z1")] = None,
     boxes_from: Annotated[Optional[Path], typer.Option(help="Label map on the same grid: segment every label's 3D box.")] = None,
     slice_step: Annotated[int, typer.Option(help="3D: segment every K-th slice (and the box's end slices) with the model and interpolate between: about K times faster, may miss detail that changes within K slices.")] = 1,
+    refine_below: Annotated[Optional[float], typer.Option(help="3D, with --slice-step K: where two neighbouring key slices' masks overlap with a Dice below this (e.g. 0.9), segment the slice between them too, recursively: an adaptive step.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Registry name or model folder (default: medfm-litemedsam-ft).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file for the named model.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Override the file's modality (e.g. CT).")] = None,
@@ -152,7 +153,7 @@ def segment(
         input_path, output, tuple(Box(*_numbers(text, 4, "--box")) for text in box or []),
         Points([xy for xy, _ in clicks], [label for _, label in clicks]) if clicks else None, slice_index,
         tuple(Box3D(*_numbers(text, 6, "--box3d", whole=True)) for text in box3d or []), boxes_from, slice_step,
-        model, weights, modality, window, overlay, reference, uncertainty, device, precision, frame, max_bytes, backend,
+        refine_below, model, weights, modality, window, overlay, reference, uncertainty, device, precision, frame, max_bytes, backend,
     )
     request.check()  # options, prompts and every output path, before torch is even imported
     from medfm.segment.run import run_request
@@ -231,6 +232,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the prompt simulation.")] = 0,
     tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
     slice_step: Annotated[int, typer.Option(help="3D cases: segment every K-th slice and interpolate between (faster, may cost Dice).")] = 1,
+    refine_below: Annotated[Optional[float], typer.Option(help="3D cases, with --slice-step K: also segment the slice between two key slices whose masks' Dice is below this, recursively.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (cases spread over Ray actors; pip install 'medfm[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray).")] = None,
     workers: Annotated[int, typer.Option(help="Ray: actors, each loading the models once and evaluating its share of cases.")] = 1,
@@ -255,7 +257,7 @@ def evaluate(
     modes = prompt or ["box"]
     evaluation = run_evaluation(list(models.values()), data, prompt=modes, uncertainty=uncertainty, seed=seed,
                                 datasets=dataset, limit_per_dataset=limit, tolerance_mm=tolerance_mm, slice_step=slice_step,
-                                progress=True, engine=engine, address=address, workers=workers)
+                                refine_below=refine_below, progress=True, engine=engine, address=address, workers=workers)
     paths = write_outputs(evaluation, out, models, modes if len(modes) > 1 else modes[0], seed)
     written = json.loads(paths["summary"].read_text())
     header, body = comparison_table(written["models"])

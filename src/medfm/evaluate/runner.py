@@ -32,7 +32,7 @@ from medfm.prompts import Box, Box3D, Points, correction_click
 from medfm.segment.model import SegmentationModel, load
 from medfm.segment.predictor import Prediction, Predictor
 from medfm.segment.uncertainty import error_detection_auc, predict_with_uncertainty, sam_u_boxes
-from medfm.segment.volume import VolumePrompt, check_slice_step, segment_volume
+from medfm.segment.volume import VolumePrompt, check_refine_below, check_slice_step, segment_volume
 
 METRICS = ("dice", "iou", "nsd", "hd95")
 EVALUATE_ON_RAY = "medfm evaluate --engine ray"
@@ -82,6 +82,7 @@ def evaluate(
     limit_per_dataset: int | None = None,
     tolerance_mm: float = 2.0,
     slice_step: int = 1,
+    refine_below: float | None = None,
     progress: bool = False,
     engine: str = "local",
     address: str | None = None,
@@ -90,13 +91,16 @@ def evaluate(
     """Evaluate each model on every case under ``data`` (a folder, or cases already chosen, such as a
     validation split) with simulated prompts of each ``prompt`` mode (one image embedding serves all
     modes and all targets of an image). ``slice_step``: 3D cases segment every k-th slice and
-    interpolate between (see `segment_volume`). ``engine="ray"`` spreads the cases over ``workers``
+    interpolate between, and with ``refine_below`` also segment the slice between two key slices
+    whose masks disagree (see `segment_volume`). ``engine="ray"`` spreads the cases over ``workers``
     Ray actors (on the cluster at ``address``, or a local Ray) that load the models once each (a
     killed one is restarted and its case redone); the rows come back in case order, as the local
     engine gives them."""
     check_slice_step(slice_step)  # before hours of 2D cases, not at the first volume
+    check_refine_below(refine_below, slice_step)
     check_engine(engine, workers, EVALUATE_ON_RAY)  # before any work
-    settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step)
+    settings = CaseSettings([prompt] if isinstance(prompt, str) else list(prompt), uncertainty, seed, tolerance_mm, slice_step,
+                            refine_below)
     for mode in settings.modes:
         check_mode(mode)  # one line for a mode it does not know, before any model loads
     if isinstance(data, (str, Path)):
@@ -127,6 +131,7 @@ class CaseSettings:
     seed: int
     tolerance_mm: float
     slice_step: int
+    refine_below: float | None = None
 
 
 def evaluate_case(models: Sequence[SegmentationModel], owners: Sequence[int], case: Case, settings: CaseSettings) -> list[CaseResult]:
@@ -138,7 +143,8 @@ def evaluate_case(models: Sequence[SegmentationModel], owners: Sequence[int], ca
     encoded: dict[int, _Encoded | None] = {}
     for index, model in enumerate(models):
         if case.is_volume:
-            rows += _evaluate_volume(model, case, image, reference, settings.modes, settings.tolerance_mm, settings.slice_step)
+            rows += _evaluate_volume(model, case, image, reference, settings.modes, settings.tolerance_mm, settings.slice_step,
+                                     settings.refine_below)
         else:
             model_rows, encoded[index] = _evaluate_image(model, case, image, reference, settings.modes, settings.uncertainty,
                                                          settings.seed, settings.tolerance_mm, encoded.get(owners[index]))
@@ -307,7 +313,7 @@ def _sam_u_row(model, case, predictor, simulated, reference, image, prompt, seed
     )
 
 
-def _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step) -> list[CaseResult]:  # noqa: ANN001
+def _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_step, refine_below) -> list[CaseResult]:  # noqa: ANN001
     """3D boxes from each label's mask; CT structures are segmented in the window they are read in
     (lung, bone or soft tissue, from the label name), one propagation run per window."""
     if not any(mode.startswith("box") for mode in modes):
@@ -321,7 +327,8 @@ def _evaluate_volume(model, case, image, reference, modes, tolerance_mm, slice_s
     for window, members in groups.items():
         started = time.perf_counter()
         prompts = [VolumePrompt(Box3D.from_mask(reference == label), label) for label in members]
-        result = segment_volume(model.predictor(), image, prompts, intensity=window, slice_step=slice_step)
+        result = segment_volume(model.predictor(), image, prompts, intensity=window, slice_step=slice_step,
+                                refine_below=refine_below)
         seconds = (time.perf_counter() - started) / len(members)
         rows += [
             _row(model, case, label, "box3d",

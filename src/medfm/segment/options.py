@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 from medfm.errors import OptionError
 
@@ -23,6 +23,17 @@ def check_slice_step(slice_step: int) -> None:
     if not isinstance(slice_step, Integral) or slice_step < 1:
         raise OptionError(f"slice step must be a whole number >= 1 (1: every slice; k: every k-th slice, "
                           f"interpolated between), not {slice_step!r}")
+
+
+def check_refine_below(refine_below: float | None, slice_step: int) -> None:
+    """Raise `OptionError` unless ``refine_below`` is None, or a Dice in (0, 1] with a slice step above 1."""
+    if refine_below is None:
+        return
+    if not (isinstance(refine_below, Real) and 0 < refine_below <= 1):
+        raise OptionError(f"refine-below must be a Dice in (0, 1] (the overlap of two key slices' masks below which "
+                          f"the slice between them is segmented too), not {refine_below!r}")
+    if slice_step == 1:
+        raise OptionError("refine-below refines a slice step: give a slice step above 1 with it")
 
 
 #: Runtimes that can run the image encoder (`medfm.segment.openvino_backend` for "openvino").

@@ -20,7 +20,7 @@ from medfm.io.checks import DEFAULT_MAX_BYTES
 from medfm.io.image import MedicalImage
 from medfm.io.outputs import check_outputs
 from medfm.prompts import Box, Box3D, Points
-from medfm.segment.options import check_backend_name, check_precision_name, check_slice_step
+from medfm.segment.options import check_backend_name, check_precision_name, check_refine_below, check_slice_step
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class SegmentRequest:
     boxes3d: tuple[Box3D, ...] = ()
     boxes_from: Path | None = None
     slice_step: int = 1
+    refine_below: float | None = None  #: 3D: segment the slice between two key slices whose masks' Dice is below this
     model: str | None = None
     weights: Path | None = None
     modality: str | None = None
@@ -87,6 +88,7 @@ class SegmentRequest:
         """The options and prompts on their own (no paths): what the Python API checks too."""
         check_precision_name(self.precision)
         check_slice_step(self.slice_step)
+        check_refine_below(self.refine_below, self.slice_step)
         _ = self.intensity
         if self.is_volume:
             if self.boxes or self.points is not None or self.slice_index is not None:

@@ -248,7 +248,7 @@ def _run_volume(request: SegmentRequest, image: MedicalImage, model: Segmentatio
     prompts = [VolumePrompt(box, label) for label, box in enumerate(request.boxes3d, 1)] + from_labels
     warn_untrained_prompts(model, boxes=[p.box.box2d() for p in prompts])
     volume = segment_volume(model.predictor(precision=request.precision), image, prompts, intensity=request.intensity,
-                            slice_step=request.slice_step, progress=progress)
+                            slice_step=request.slice_step, refine_below=request.refine_below, progress=progress)
     written = [write_mask(volume.label_map, request.output, like=image)]
     starts = {p.label: (p.start_slice if p.start_slice is not None else (p.box.z0 + p.box.z1) // 2,
                         p.start_box or p.box.box2d()) for p in prompts}

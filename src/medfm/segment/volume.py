@@ -12,6 +12,11 @@ With ``slice_step=k > 1`` only key slices are segmented by the model (start, sta
 always the last slice of the z-range in each direction); the slices between two key slices get the
 linear interpolation of the two key slices' logits, so the image encoder, which dominates the time,
 runs on about one slice in k.
+
+With ``refine_below=d`` as well, the step adapts to the structure: wherever two neighbouring key
+slices' masks overlap with a Dice below ``d``, the slice midway between them is segmented by the
+model too, recursively, so slices are spent where the shape changes (and where it ends) rather
+than evenly.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from medfm.io import MedicalImage
 from medfm.preprocess import Geometry
 from medfm.progress import progress_bar
 from medfm.prompts import Box, Box3D
-from medfm.segment.options import check_slice_step
+from medfm.segment.options import check_refine_below, check_slice_step
 from medfm.segment.predictor import Predictor
 from medfm.segment.request import check_has_contrast
 
@@ -101,6 +106,7 @@ def segment_volume(
     intensity: IntensityPreset | None = None,
     margin: int | None = None,
     slice_step: int = 1,
+    refine_below: float | None = None,
     batch_size: int = 1,
     progress: bool = False,
 ) -> VolumeSegmentation:
@@ -117,11 +123,18 @@ def segment_volume(
     the mask vanishes at a key slice, the slices before it shrink towards it by interpolation and
     propagation stops there. 1 (the default) segments every slice.
 
+    ``refine_below`` (a Dice in (0, 1], with ``slice_step > 1``): where two neighbouring key slices'
+    masks overlap less than this, the middle slice between them is segmented by the model as well
+    (prompted by the box of both masks, enlarged by ``margin`` times half the distance), and so on
+    until neighbouring keys agree or are adjacent: an adaptive step that spends the encoder where
+    the structure changes quickly or ends. None (the default) keeps the even step.
+
     ``batch_size`` slices are encoded per encoder call; the default 1 is fastest on CPUs, where
     batching made each image slower (benchmarks/volume_speed.py --batch-size, fp32, step 4: 0.66 s
     per encoded slice at batch 1, 0.84 s at batch 4).
     """
     check_slice_step(slice_step)
+    check_refine_below(refine_below, slice_step)
     if not image.is_volume:
         raise PromptError(f"{image.path or 'the image'} is not a volume; 3D boxes need a (Z, Y, X) image")
     check_has_contrast(image)
@@ -144,16 +157,16 @@ def segment_volume(
     total = sum(p.box.z1 - p.box.z0 + 1 for p in prompts)
     with progress_bar(progress, total, "segmenting slices") as advance:
         for prompt in prompts:
-            segmented, keys = _propagate(predictor, cache, prompt, margin, slice_step, labels, best, advance)
+            segmented, keys = _propagate(predictor, cache, prompt, margin, slice_step, refine_below, labels, best, advance)
             result.slices[prompt.label], result.key_slices[prompt.label] = sorted(segmented), sorted(keys)
     result.encoded_slices = len(cache.entries)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _propagate(predictor, cache, prompt, margin, slice_step, labels, best, advance) -> tuple[list[int], list[int]]:  # noqa: ANN001
-    """Segment one structure from its start slice outwards, key slice by key slice, interpolating
-    the slices between; returns the slices it covered and the key slices among them."""
+def _propagate(predictor, cache, prompt, margin, slice_step, refine_below, labels, best, advance) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """Segment one structure from its start slice outwards, key slice by key slice, filling the
+    slices between; returns the slices it covered and the key slices among them."""
     box = prompt.box
     start = prompt.start_slice if prompt.start_slice is not None else (box.z0 + box.z1) // 2
     if not box.z0 <= start <= box.z1:
@@ -171,22 +184,47 @@ def _propagate(predictor, cache, prompt, margin, slice_step, labels, best, advan
         label_slice(z, prediction.masks[0], prediction.logits[0])
         return prediction.masks[0], prediction.logits[0]
 
+    def fill_between(a: tuple[int, np.ndarray, np.ndarray], b: tuple[int, np.ndarray, np.ndarray]) -> list[int]:
+        """Fill the slices strictly between key slices ``a`` and ``b`` ((z, mask, logits) each):
+        by interpolation, or, where their masks disagree, by segmenting the middle slice and
+        filling each half. Returns the key slices it added."""
+        (za, mask_a, logits_a), (zb, mask_b, logits_b) = a, b
+        distance = abs(zb - za)
+        if distance < 2:
+            return []
+        if refine_below is not None and _dice(mask_a, mask_b) < refine_below:
+            half = distance // 2
+            middle = za + half * (1 if zb > za else -1)
+            both = mask_a | mask_b  # not empty: propagation never goes on from an empty key slice
+            middle_mask, middle_logits = segment_key(middle, 1, middle, _grown_box(both, margin * (distance - half), box))
+            m = (middle, middle_mask, middle_logits)
+            return [middle, *fill_between(a, m), *fill_between(m, b)]
+        for offset in range(1, distance):
+            t = offset / distance
+            between = (1 - t) * logits_a + t * logits_b
+            label_slice(za + (offset if zb > za else -offset), between > threshold, between)
+        return []
+
     start_mask, start_logits = segment_key(start, slice_step, box.z1, prompt.start_box or box.box2d())
     segmented, keys = [start], [start]
     for direction, last in ((1, box.z1), (-1, box.z0)):
-        z, mask, logits = start, start_mask, start_logits  # the previous key slice: all that is held
-        while z != last and mask.any():  # stop at the z-range's end or when the mask vanishes
+        previous = (start, start_mask, start_logits)  # the previous key slice: all that is held
+        while previous[0] != last and previous[1].any():  # stop at the z-range's end or when the mask vanishes
+            z, mask, _ = previous
             distance = min(slice_step, abs(last - z))
             key = z + direction * distance
             key_mask, key_logits = segment_key(key, direction * slice_step, last, _grown_box(mask, margin * distance, box))
-            for offset in range(1, distance):
-                t = offset / distance
-                between = (1 - t) * logits + t * key_logits
-                label_slice(z + direction * offset, between > threshold, between)
+            following = (key, key_mask, key_logits)
+            keys += [key, *fill_between(previous, following)]
             segmented += [z + direction * offset for offset in range(1, distance + 1)]
-            keys.append(key)
-            z, mask, logits = key, key_mask, key_logits
+            previous = following
     return segmented, keys
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _grown_box(mask: np.ndarray, margin: int, limit: Box3D) -> Box:
@@ -203,4 +241,4 @@ def _key_slices(first: int, step: int, last: int) -> list[int]:
     return [*range(first, last, step), last]
 
 
-__all__: Sequence[str] = ["VolumePrompt", "VolumeSegmentation", "check_slice_step", "prompts_from_labels", "segment_volume"]
+__all__: Sequence[str] = ["VolumePrompt", "VolumeSegmentation", "check_refine_below", "check_slice_step", "prompts_from_labels", "segment_volume"]
