@@ -307,13 +307,15 @@ def test_refinement_finds_where_the_structure_ends() -> None:
     assert (areas[4:14] == areas[9]).all() and areas[14:].sum() == 0  # full disks up to the last slice, then nothing
 
 
-def test_a_middle_slice_is_prompted_by_the_box_of_both_key_masks() -> None:
+def test_a_middle_slice_is_prompted_by_the_box_of_the_interpolated_mask() -> None:
     radius = lambda z: 4.0 if z < 10 else 10.0
     fake = FakePredictor(_disk(radius))
     segment_volume(fake, _volume(), [VolumePrompt(Box3D(3, 0, 6, 31, 31, 14), 1, start_slice=6)], margin=1,
-                   slice_step=8, refine_below=0.9)  # keys 6, 14 disagree: 10 is segmented from their union
-    large = Box.from_mask(fake.field(14, None) > THRESHOLD)
-    assert fake.prompted[10] == [Box(max(large.x0 - 4, 3), large.y0 - 4, large.x1 + 4, large.y1 + 4)]
+                   slice_step=8, refine_below=0.9)  # keys 6 and 14 disagree: 10 is segmented, prompted from their mix
+    mix = 0.5 * fake.field(6, None) + 0.5 * fake.field(14, None)  # radius 7
+    guess = Box.from_mask(mix > THRESHOLD)
+    assert fake.prompted[10] == [Box(guess.x0 - 1, guess.y0 - 1, guess.x1 + 1, guess.y1 + 1)]
+    assert Box.from_mask(fake.field(6, None) > THRESHOLD).x0 > guess.x0 > Box.from_mask(fake.field(14, None) > THRESHOLD).x0
 
 
 @pytest.mark.parametrize(("refine_below", "slice_step", "message"), [

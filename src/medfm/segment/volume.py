@@ -125,7 +125,7 @@ def segment_volume(
 
     ``refine_below`` (a Dice in (0, 1], with ``slice_step > 1``): where two neighbouring key slices'
     masks overlap less than this, the middle slice between them is segmented by the model as well
-    (prompted by the box of both masks, enlarged by ``margin`` times half the distance), and so on
+    (prompted by the box of the interpolated mask there, enlarged by ``margin``), and so on
     until neighbouring keys agree or are adjacent: an adaptive step that spends the encoder where
     the structure changes quickly or ends. None (the default) keeps the even step.
 
@@ -195,8 +195,10 @@ def _propagate(predictor, cache, prompt, margin, slice_step, refine_below, label
         if refine_below is not None and _dice(mask_a, mask_b) < refine_below:
             half = distance // 2
             middle = za + half * (1 if zb > za else -1)
-            both = mask_a | mask_b  # not empty: propagation never goes on from an empty key slice
-            middle_mask, middle_logits = segment_key(middle, 1, middle, _grown_box(both, margin * (distance - half), box))
+            t = half / distance  # prompted like a step-1 slice: the box of the interpolated mask there, plus margin
+            guess = (1 - t) * logits_a + t * logits_b > threshold
+            prompt_box = _grown_box(guess if guess.any() else mask_a | mask_b, margin, box)
+            middle_mask, middle_logits = segment_key(middle, 1, middle, prompt_box)
             m = (middle, middle_mask, middle_logits)
             return [middle, *fill_between(a, m), *fill_between(m, b)]
         for offset in range(1, distance):
