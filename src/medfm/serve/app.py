@@ -68,6 +68,8 @@ class SegmentRequest(BaseModel):
     point_labels: list[int] | None = Field(None, description="1 positive, 0 negative, one per point (default all 1).", max_length=256)
     slice: int | None = Field(None, description="The slice (along Z) of a volume; omit for 2D images.")
     box3d: list[int] | None = Field(None, description="A 3D box [x0, y0, z0, x1, y1, z1] (voxels, inclusive): segments the volume.")
+    slice_step: int = Field(1, description="3D box: segment every K-th slice with the model, interpolate between (about K times faster).")
+    refine_below: float | None = Field(None, description="3D box with slice_step > 1: also segment the slice between two key slices whose masks' Dice is below this.")
     model: str | None = Field(None, description="One of GET /v1/models' segmentation names (default: the server's first).")
     window: Window = Field("auto", description="Intensity window of the model input (auto: the modality's default).")
 
@@ -374,10 +376,13 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
                 raise medfm.PromptError("3D boxes segment the whole volume: do not combine them with boxes, points or a slice")
             if len(request.box3d) != 6:
                 raise medfm.PromptError(f"a 3D box needs 6 numbers (x0, y0, z0, x1, y1, z1), got {len(request.box3d)}")
-            labels = await segmenter.volume(upload.image, Box3D(*request.box3d), model, intensity)
+            labels = await segmenter.volume(upload.image, Box3D(*request.box3d), model, intensity, request.slice_step,
+                                            request.refine_below)
             mask_id = f"m-{secrets.token_urlsafe(8)}"
             upload.masks[mask_id] = labels
             return SegmentResponse(scores=[], mask_id=mask_id, slices=[int(z) for z in np.flatnonzero(labels.any(axis=(1, 2)))])
+        if request.slice_step != 1 or request.refine_below is not None:
+            raise medfm.PromptError("slice_step and refine_below apply to a 3D box (box3d)")
         index = slice_of(upload, request.slice)
         if not request.boxes and not request.points:
             raise medfm.PromptError("give at least one box or point")

@@ -196,12 +196,18 @@ class Segmenter:
         predictor.use_embedding(*embedding)
         return predictor.predict(boxes=boxes, points=points, point_labels=point_labels)
 
-    async def volume(self, image: MedicalImage, box: Box3D, model: str, intensity: IntensityPreset | None) -> np.ndarray:
-        """The label map (label 1) of a 3D box, propagated slice by slice (an encoder-heavy job)."""
-        from medfm.segment.volume import segment_volume
+    async def volume(self, image: MedicalImage, box: Box3D, model: str, intensity: IntensityPreset | None,
+                     slice_step: int = 1, refine_below: float | None = None) -> np.ndarray:
+        """The label map (label 1) of a 3D box, propagated slice by slice (an encoder-heavy job);
+        ``slice_step`` and ``refine_below`` as in `segment_volume`."""
+        from medfm.segment.volume import check_refine_below, check_slice_step, segment_volume
+
+        check_slice_step(slice_step)  # refused here, not in the worker pool
+        check_refine_below(refine_below, slice_step)
 
         def run() -> np.ndarray:
-            return segment_volume(self._predictor(model), image, [box], intensity=intensity).label_map
+            return segment_volume(self._predictor(model), image, [box], intensity=intensity, slice_step=slice_step,
+                                  refine_below=refine_below).label_map
 
         return await self._run(self.encode_pool, run)
 
