@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import medfm
+import medfm.batch.stages
 from medfm.batch import segment_batch
 from medfm.batch.cases import read_cases
 from medfm.batch.results import ResultsLog
@@ -21,6 +23,7 @@ from medfm.prompts import Box
 from medfm.segment.model import SegmentationModel
 from medfm.segment.run import segment
 from medfm.segment.sam import build_sam
+from tests.conftest import EXAMPLES
 from tests.test_predictor import TINY_TINYVIT
 
 
@@ -125,6 +128,31 @@ def test_local_batch_writes_each_mask_once_and_a_rerun_does_no_work(tiny_folder,
     assert (redone.ok, redone.errors, redone.skipped) == (2, 1, 2)
     final = rows_of(out)
     assert len(final) == 5 and len({row["id"] for row in final}) == 5  # one row a case after the rerun
+
+
+def test_volume_lines_take_a_slice_step_and_refinement(tiny_folder, tmp_path, monkeypatch) -> None:
+    shutil.copy(EXAMPLES / "totalseg_example_ct.nii.gz", tmp_path / "ct.nii.gz")
+    box3d = [[20, 20, 10, 90, 80, 20]]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [
+        {"image": "ct.nii.gz", "box3d": box3d, "id": "every"},
+        {"image": "ct.nii.gz", "box3d": box3d, "slice_step": 4, "refine_below": 0.9, "id": "stepped"},
+        {"image": "ct.nii.gz", "box3d": box3d, "slice_step": 0, "id": "zero"},
+        {"image": "ct.nii.gz", "box3d": box3d, "refine_below": 0.9, "id": "unstepped"},
+        {"image": "ct.nii.gz", "boxes": [[1, 2, 30, 40]], "slice": 3, "slice_step": 4, "id": "flat"},
+    ])
+    seen = []
+    real = medfm.batch.stages.segment_volume
+    monkeypatch.setattr(medfm.batch.stages, "segment_volume",
+                        lambda *a, **k: seen.append((k["slice_step"], k["refine_below"])) or real(*a, **k))
+    model = medfm.segment.model.load(tiny_folder)
+    summary = segment_batch(prompts, tmp_path / "out", model=lambda: model)
+    rows = {row["id"]: row for row in rows_of(tmp_path / "out")}
+    assert (summary.ok, summary.errors) == (2, 3) and sorted(seen) == [(1, None), (4, 0.9)]
+    assert "slice step must be a whole number" in rows["zero"]["error"]
+    assert "give a slice step above 1" in rows["unstepped"]["error"]
+    assert "apply to 3D boxes" in rows["flat"]["error"]
+    unchanged = read_cases(prompts, tmp_path / "out")[0].prompt
+    assert "slice_step" not in unchanged  # a line without the options hashes as before they existed
 
 
 def _counting(model: SegmentationModel, calls: list) -> object:

@@ -199,7 +199,7 @@ def _numbers(text: str, count: int, option: str, whole: bool = False) -> list[fl
 
 @app.command("segment-batch")
 def segment_batch(
-    prompts: Annotated[Path, typer.Option(help="JSON lines: {\"image\": path, \"boxes\": [[x0, y0, x1, y1]], \"points\", \"slice\", \"box3d\", \"boxes_from\", \"id\"}.")],
+    prompts: Annotated[Path, typer.Option(help="JSON lines: {\"image\": path, \"boxes\": [[x0, y0, x1, y1]], \"points\", \"slice\", \"box3d\", \"boxes_from\", \"slice_step\", \"refine_below\", \"id\"}.")],
     out: Annotated[Path, typer.Option(help="Folder for the masks and results.jsonl (a rerun resumes there).")],
     model: Annotated[Optional[str], typer.Option(help="Registry name or model folder (default: medfm-litemedsam-ft).")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data; pip install 'medfm[ray]').")] = "local",

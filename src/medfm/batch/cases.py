@@ -1,9 +1,10 @@
 """The cases of a batch: one JSON object a line of the prompts file, each with its own output path.
 
 A line is ``{"image": path, "boxes": [[x0, y0, x1, y1], ...], "points": [[x, y] or [x, y, label], ...],
-"slice": k, "box3d": [[x0, y0, z0, x1, y1, z1], ...], "boxes_from": path, "id": name}``: 2D boxes
-and clicks (on a slice of a volume with ``slice``) as ``medfm segment --box/--point``, or 3D boxes
-and/or a coarse label map's boxes as ``--box3d/--boxes-from``. Relative paths are taken from the
+"slice": k, "box3d": [[x0, y0, z0, x1, y1, z1], ...], "boxes_from": path, "slice_step": k,
+"refine_below": d, "id": name}``: 2D boxes and clicks (on a slice of a volume with ``slice``) as
+``medfm segment --box/--point``, or 3D boxes and/or a coarse label map's boxes as
+``--box3d/--boxes-from``, with ``--slice-step/--refine-below``. Relative paths are taken from the
 prompts file's folder. A line that cannot become a case is kept as a `Case` with its ``error`` set,
 so the batch reports it as an error row and goes on.
 
@@ -26,8 +27,11 @@ from pathlib import Path
 from medfm.errors import InputFileError, MedfmError, PromptError
 from medfm.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, PHOTO_SUFFIXES
 from medfm.prompts import Box, Box3D, Points
+from medfm.segment.options import check_refine_below, check_slice_step
 
-KEYS = {"image", "boxes", "points", "slice", "box3d", "boxes_from", "id"}
+KEYS = {"image", "boxes", "points", "slice", "box3d", "boxes_from", "slice_step", "refine_below", "id"}
+#: keys that enter a case's prompt hash only when given, so that results written before they existed stay done
+VOLUME_OPTIONS = {"slice_step", "refine_below"}
 RESULTS_NAME = "results.jsonl"
 
 
@@ -43,6 +47,8 @@ class Case:
     slice_index: int | None = None
     box3d: tuple[Box3D, ...] = ()
     boxes_from: Path | None = None
+    slice_step: int = 1
+    refine_below: float | None = None
     output: Path | None = None
     #: the prompt as given (canonical JSON), part of the content hash
     prompt: str = ""
@@ -91,7 +97,14 @@ def _parse_line(text: str, number: int, prompts_file: Path) -> Case:
             raise PromptError("3D boxes segment the whole volume: do not combine them with boxes, points or slice")
         if not case.is_volume_case and not case.boxes and case.points is None:
             raise PromptError("give boxes, points, box3d or boxes_from")
-        case.prompt = json.dumps({key: entry.get(key) for key in sorted(KEYS - {"id"})}, sort_keys=True)
+        if not case.is_volume_case and VOLUME_OPTIONS & set(entry):
+            raise PromptError("slice_step and refine_below apply to 3D boxes (box3d, boxes_from)")
+        case.slice_step = 1 if entry.get("slice_step") is None else _whole(entry["slice_step"], "slice_step")
+        case.refine_below = entry.get("refine_below")
+        check_slice_step(case.slice_step)
+        check_refine_below(case.refine_below, case.slice_step)
+        case.prompt = json.dumps({key: entry.get(key) for key in sorted(KEYS - {"id"}) if key not in VOLUME_OPTIONS or key in entry},
+                                 sort_keys=True)
     except json.JSONDecodeError as error:
         case.error = f"{where}: not a JSON object ({error})"
     except (MedfmError, TypeError, ValueError) as error:

@@ -182,7 +182,8 @@ def encode_stage(work: ImageWork, predictor: Any) -> ImageWork:
     for item in work.todo(volume=True):
         started = time.perf_counter()
         try:
-            item.label_map = segment_volume(predictor, work.image, item.volume_prompts).label_map
+            item.label_map = segment_volume(predictor, work.image, item.volume_prompts, slice_step=item.case.slice_step,
+                                            refine_below=item.case.refine_below).label_map
         except CASE_ERRORS as error:
             item.fail(error)
         item.seconds += time.perf_counter() - started

@@ -29,7 +29,7 @@ def check_refine_below(refine_below: float | None, slice_step: int) -> None:
     """Raise `OptionError` unless ``refine_below`` is None, or a Dice in (0, 1] with a slice step above 1."""
     if refine_below is None:
         return
-    if not (isinstance(refine_below, Real) and 0 < refine_below <= 1):
+    if isinstance(refine_below, bool) or not (isinstance(refine_below, Real) and 0 < refine_below <= 1):
         raise OptionError(f"refine-below must be a Dice in (0, 1] (the overlap of two key slices' masks below which "
                           f"the slice between them is segmented too), not {refine_below!r}")
     if slice_step == 1:
