@@ -189,3 +189,29 @@ def test_the_app_takes_the_token_from_the_address_and_drops_it(browser, tiny_mod
         assert httpx.get(f"{url}/v1/health").status_code == 401
         assert httpx.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {token}"}).json()["images"] == 1
         context.close()
+
+
+def test_a_3d_box_with_a_slice_step_from_the_app(page, server) -> None:
+    ct = EXAMPLES / "totalseg_example_ct.nii.gz"
+    page.set_input_files("#file", str(ct))
+    page.wait_for_selector("#stage:not([hidden])")
+    wait_idle(page)
+    page.check('input[value="box3d"]')
+    page.fill("#z0", "8")
+    page.fill("#z1", "20")
+    page.fill("#zstep", "4")
+    page.check("#adaptive")
+    drag_box(page, 45, 26, 104, 84, 122, 101)
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('3D box')", timeout=120_000)
+    sent = json.loads(page.inner_text("#prompt"))
+    assert sent["slice_step"] == 4 and sent["refine_below"] == 0.9 and sent["box3d"][2::3] == [8, 20]
+    image_id = page.evaluate("() => state.image.id")
+    answer = httpx.post(f"{server}/v1/images/{image_id}/segment",
+                        json={k: sent[k] for k in ("box3d", "slice_step", "refine_below")}, timeout=120).json()
+    assert page.inner_text("#status") == f"3D box: {len(answer['slices'])} slice(s) segmented" and answer["slices"]
+    page.fill("#zstep", "1")
+    page.evaluate("() => { document.getElementById('status').textContent = ''; }")
+    drag_box(page, 45, 26, 104, 84, 122, 101)
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('3D box')", timeout=120_000)
+    sent = json.loads(page.inner_text("#prompt"))
+    assert sent["slice_step"] == 1 and sent["refine_below"] is None  # adaptive means nothing without a step

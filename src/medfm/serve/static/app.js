@@ -274,7 +274,11 @@ async function segmentSession() {
 
 async function segmentBox3d(box) {
   const [z0, z1] = [Number($("z0").value), Number($("z1").value)].sort((a, b) => a - b);
-  const request = { box3d: [box[0], box[1], z0, box[2], box[3], z1], model: $("model").value || null };
+  const step = Math.max(1, Math.round(Number($("zstep").value) || 1));
+  const request = {
+    box3d: [box[0], box[1], z0, box[2], box[3], z1], model: $("model").value || null,
+    slice_step: step, refine_below: step > 1 && $("adaptive").checked ? 0.9 : null,
+  };
   $("prompt").textContent = JSON.stringify(request);
   const label = state.current;
   const answer = await busy(`segmenting slices ${z0}–${z1}…`, async () => {
