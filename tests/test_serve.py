@@ -481,3 +481,10 @@ def test_real_ask_model_on_a_real_server_answers() -> None:
         chosen = http.post(f"/v1/images/{image_id}/ask", json={"question": "Is there a tumour?", "choices": ["yes", "no"]}).json()
         assert chosen["answer"] in {"yes", "no"}
         assert http.get("/v1/models").json()["ask"] == [{"name": "medfm-vlm-small", "default": True, "loaded": True}]
+
+
+def test_paths_given_as_strings_work_like_paths(tiny_model, tmp_path) -> None:
+    settings = ServeSettings(upload_root=str(tmp_path / "uploads"), ask_weights=str(tmp_path))
+    assert settings.upload_root == tmp_path / "uploads" and settings.ask_weights == tmp_path
+    with TestClient(create_app(settings, models={"tiny": tiny_model}), base_url="http://127.0.0.1") as client:
+        assert upload(client, PNG)["slices"] == 1

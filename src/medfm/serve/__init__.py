@@ -46,6 +46,11 @@ class ServeSettings:
     decode_workers: int = 2
     upload_root: Path | None = None
 
+    def __post_init__(self) -> None:
+        # a str from Python callers would otherwise fail deep inside the first upload, as a 500
+        self.upload_root = None if self.upload_root is None else Path(self.upload_root)
+        self.ask_weights = None if self.ask_weights is None else Path(self.ask_weights)
+
 
 def check_settings(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token (anyone who can reach the port could
