@@ -19,7 +19,7 @@ from medfm.io.outputs import check_outputs
 from medfm.io.checks import DEFAULT_MAX_BYTES
 
 _ON_TERMINAL = sys.stdout.isatty() and sys.stderr.isatty()
-BACKEND_HELP = ("What runs the image encoder on the CPU: torch, or openvino (faster, same masks; "
+BACKEND_HELP = ("What runs the image encoder on the CPU: torch, or openvino (same masks; 1.1-1.2x on an idle CPU, more under load; "
                 "pip install 'medfm[openvino]'; converted once, cached under $MEDFM_HOME/openvino).")
 
 app = typer.Typer(
@@ -299,7 +299,7 @@ def train(
     adapter_ratio: Annotated[float, typer.Option(help="Adapter width as a share of the block width (adapter).")] = 0.25,
     prompt_tokens: Annotated[int, typer.Option(help="Sparse prompt tokens generated per image (autoprompt).")] = 4,
     cache_embeddings: Annotated[Optional[Path], typer.Option(help="Embedding cache folder for frozen-encoder recipes (default RUN_DIR/embedding-cache).")] = None,
-    backend: Annotated[str, typer.Option(help="What fills the embedding cache of a frozen encoder on the CPU: torch, or openvino (about 3x faster here; pip install 'medfm[openvino]').")] = "torch",
+    backend: Annotated[str, typer.Option(help="What fills the embedding cache of a frozen encoder on the CPU: torch, or openvino (faster when other jobs share the cores, ~1.15x on an idle 2-core CPU; pip install 'medfm[openvino]').")] = "torch",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, augmentation and prompts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast (default: on for CUDA with bf16).")] = None,
