@@ -212,3 +212,33 @@ def test_embedding_cache_follows_file_contents_not_paths_or_times(setup, tmp_pat
     Image.fromarray(255 - np.asarray(image)).save(copied[0].case.image_path)  # same name, new contents
     assert fresh.path(copied[0]) != cache.path(refs[0]) and fresh.path(copied[1]) == cache.path(refs[1])
     assert EmbeddingCache(tmp_path / "cache", "other", preprocess).path(refs[1]) != cache.path(refs[1])
+
+
+def test_mixed_weights_choose_the_prompt_kinds_drawn(setup, tmp_path, monkeypatch) -> None:
+    from medfm.train import trainer as trainer_module
+
+    generator = torch.Generator().manual_seed(0)
+    draws = [trainer_module.draw_mixed(generator, 3, {"iterative": 1.0})[0] for _ in range(50)]
+    assert set(draws) == {"iterative"}
+    default = {trainer_module.draw_mixed(generator, 3)[0] for _ in range(200)}
+    assert default == set(trainer_module.MIXED_KINDS)
+    drawn = []
+    real = trainer_module.mixed_passes
+    monkeypatch.setattr(trainer_module, "mixed_passes", lambda *a, **k: drawn.append(a[3]) or real(*a, **k))
+    result = Trainer(config(setup, tmp_path / "run", "decoder", prompt="mixed", mixed_weights={"box+clicks": 2.0}),
+                     lambda text: None).fit()
+    assert result.best.exists() and drawn[:2] == ["box+clicks", "box+clicks"]  # the 2 steps; validation's own passes follow
+    for weights, message in [({"boxes": 1.0}, "unknown mixed prompt kind"), ({"box": 0.0}, "not all 0"),
+                             ({"box": -1.0, "iterative": 2.0}, "numbers >= 0")]:
+        with pytest.raises(MedfmError, match=message):
+            config(setup, tmp_path / "bad", "decoder", prompt="mixed", mixed_weights=weights).prompt_mode()
+    with pytest.raises(MedfmError, match="only apply to --prompt mixed"):
+        config(setup, tmp_path / "bad", "decoder", prompt="box", mixed_weights={"box": 1.0}).prompt_mode()
+
+
+def test_cli_mixed_weights_parse_or_say_why() -> None:
+    from medfm.cli import _mixed_weights
+
+    assert _mixed_weights("box=0.2, iterative=0.8") == {"box": 0.2, "iterative": 0.8} and _mixed_weights(None) is None
+    with pytest.raises(medfm.OptionError, match="kind=weight pairs"):
+        _mixed_weights("box:0.2")

@@ -183,6 +183,20 @@ def _paths(paths: list[Path]) -> str:
     return ", ".join(str(path) for path in paths)
 
 
+def _mixed_weights(text: str | None) -> dict[str, float] | None:
+    """``--mixed-weights kind=weight,...`` as a dict (checked by the trainer's config)."""
+    if text is None:
+        return None
+    weights = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        kind, _, value = item.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            raise medfm.OptionError(f"--mixed-weights takes kind=weight pairs, e.g. box=0.3,iterative=0.7; not {item!r}") from None
+    return weights
+
+
 def _numbers(text: str, count: int, option: str, whole: bool = False) -> list[float]:
     """Parse 'X0 Y0 X1 Y1' (spaces or commas) for an option that takes several numbers."""
     parts = text.replace(",", " ").split()
@@ -289,6 +303,7 @@ def train(
     warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
     prompt: Annotated[Optional[str], typer.Option(help="box, clicks (iterative) or mixed (box, clicks, both, corrections); autoprompt takes none.")] = None,
     click_iterations: Annotated[int, typer.Option(help="Correction clicks after the first (--prompt clicks; at most, mixed).")] = 3,
+    mixed_weights: Annotated[Optional[str], typer.Option(help="--prompt mixed: how often each kind is drawn, e.g. box=0.2,clicks=0.1,box+clicks=0.1,iterative=0.6 (kinds left out: never; default 0.3/0.25/0.15/0.3).")] = None,
     box_jitter: Annotated[int, typer.Option(help="Box jitter in model-input pixels.")] = 5,
     augment: Annotated[bool, typer.Option(help="Flips, rotation, scaling and intensity jitter (not with cached embeddings).")] = True,
     robust_input: Annotated[bool, typer.Option(help="Also a random resize kernel, slight blur and gamma (recipes that train the image encoder).")] = False,
@@ -333,7 +348,7 @@ def train(
         split_limit=split_limit, slices_per_volume=slices_per_volume, epochs=epochs, max_steps=max_steps, budget_minutes=budget_minutes,
         batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup=warmup, prompt=prompt, click_iterations=click_iterations,
-        box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, backend=backend, seed=seed, device=device,
+        mixed_weights=_mixed_weights(mixed_weights), box_jitter=box_jitter, augment=augment, robust_input=robust_input, cache_embeddings=cache_embeddings, backend=backend, seed=seed, device=device,
         bf16=bf16, workers=workers, resume=resume, progress=True,
     )
     if engine == "ray":

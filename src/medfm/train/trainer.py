@@ -32,7 +32,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,6 +98,8 @@ class TrainConfig:
     iou_weight: float = 1.0
     prompt: str | None = None  #: box, clicks, mixed or none; default: none for autoprompt, else box
     click_iterations: int = 3  #: corrections after the first prompt (clicks: always; mixed: at most)
+    #: mixed prompting: how often each kind of `MIXED_KINDS` is drawn (kinds left out: never); None: `MIXED_KINDS`
+    mixed_weights: dict[str, float] | None = None
     box_jitter: int = 5
     augment: bool = True
     robust_input: bool = False  #: random resize kernel, blur and gamma (needs a trainable image encoder)
@@ -119,10 +121,23 @@ class TrainConfig:
         if self.backend != "torch" and not self.recipe.frozen_encoder:
             raise MedfmError(f"--backend {self.backend} only fills the embedding cache of a frozen image encoder, but the "
                              f"{self.recipe.name} recipe trains it: use decoder or autoprompt, or --backend torch")
+        if self.mixed_weights is not None:
+            check_mixed_weights(self.mixed_weights)
+            if mode != "mixed":
+                raise MedfmError("mixed weights only apply to --prompt mixed")
         if self.robust_input and self.recipe.frozen_encoder:
             raise MedfmError(f"robust input augmentation changes the image encoder's input, but the {self.recipe.name} "
                              "recipe freezes it (and caches its embeddings): use full, lora or adapter")
         return mode
+
+
+def check_mixed_weights(weights: dict[str, float]) -> None:
+    """Raise `MedfmError` unless ``weights`` names kinds of `MIXED_KINDS` with weights >= 0, not all 0."""
+    unknown = set(weights) - set(MIXED_KINDS)
+    if unknown:
+        raise MedfmError(f"unknown mixed prompt kind(s) {sorted(unknown)}; choose from {', '.join(MIXED_KINDS)}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise MedfmError(f"mixed weights must be numbers >= 0, not all 0; got {weights}")
 
 
 @dataclass
@@ -298,10 +313,11 @@ def mixed_passes(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor],
     return outputs
 
 
-def draw_mixed(generator: torch.Generator, max_corrections: int) -> tuple[str, int, int, bool]:
-    """One batch's mixed prompt: (kind, clicks 1..`MAX_CLICKS`, corrections 1..``max_corrections``,
-    whether iterative starts with a box)."""
-    weights = torch.tensor(list(MIXED_KINDS.values()))
+def draw_mixed(generator: torch.Generator, max_corrections: int, mix: Mapping[str, float] = MIXED_KINDS
+               ) -> tuple[str, int, int, bool]:
+    """One batch's mixed prompt: (kind, drawn by the ``mix`` weights; clicks 1..`MAX_CLICKS`,
+    corrections 1..``max_corrections``, whether iterative starts with a box)."""
+    weights = torch.tensor([float(mix.get(kind, 0.0)) for kind in MIXED_KINDS])
     kind = list(MIXED_KINDS)[int(torch.multinomial(weights, 1, generator=generator))]
     clicks = 1 + int(torch.randint(MAX_CLICKS, (1,), generator=generator))
     corrections = 1 + int(torch.randint(max(1, max_corrections), (1,), generator=generator))
@@ -309,13 +325,13 @@ def draw_mixed(generator: torch.Generator, max_corrections: int) -> tuple[str, i
 
 
 def predict(network: SamCore, embeddings: Tensor, batch: dict[str, Tensor], mode: str, iterations: int,
-            generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+            generator: torch.Generator | None = None, mix: Mapping[str, float] = MIXED_KINDS) -> list[tuple[Tensor, Tensor]]:
     """(logits, iou) of each decoder pass for a batch (one prompt per image)."""
     device = embeddings.device
     if mode == "none":
         return [network.decode(embeddings)]
     if mode == "mixed":
-        kind, clicks, corrections, start_with_box = draw_mixed(generator or torch.Generator(), iterations)
+        kind, clicks, corrections, start_with_box = draw_mixed(generator or torch.Generator(), iterations, mix)
         return mixed_passes(network, embeddings, batch, kind, clicks, corrections, start_with_box)
     if mode == "box":
         return [network.decode(embeddings, boxes=batch["box"].to(device))]
@@ -434,7 +450,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(hash((self.config.seed, epoch, index, self.run.rank)) % 2**63)
         with self._autocast():
             outputs = predict(self.network, self._embeddings(batch), batch, self.mode, self.config.click_iterations,
-                              generator)
+                              generator, self.config.mixed_weights or MIXED_KINDS)
         losses = []
         for logits, iou in outputs:
             logits = logits.float()
