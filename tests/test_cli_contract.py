@@ -114,6 +114,7 @@ def test_folder_outputs_keep_clear_of_inputs(tmp_path) -> None:
     (["--slice-step", "0", "--box3d", "0", "0", "0", "5", "5", "2"], "slice step must be a whole number >= 1"),
     (["--slice-step", "4", "--refine-below", "1.5", "--box3d", "0", "0", "0", "5", "5", "2"], "refine-below must be a Dice"),
     (["--refine-below", "0.9", "--box3d", "0", "0", "0", "5", "5", "2"], "give a slice step above 1 with it"),
+    (["--box", "1", "2", "30", "40", "--slice", "3", "--slice-step", "4"], "apply to 3D boxes only"),
     (["--box", "215", "107", "215", "132"], "has zero area"),
     (["--box3d", "0", "0", "0", "5", "5", "2", "--uncertainty", "u.nii.gz"], "--uncertainty works on a 2D image"),
 ])

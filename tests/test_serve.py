@@ -142,7 +142,7 @@ def test_box3d_mask_exports_on_the_input_grid(client, tmp_path) -> None:
     assert stepped["mask_id"] and set(stepped["slices"]) <= set(range(10, 21))
     for body, words in [({"box3d": [30, 30, 10, 90, 80, 20], "slice_step": 0}, ["slice step must be"]),
                         ({"box3d": [30, 30, 10, 90, 80, 20], "refine_below": 0.9}, ["slice step above 1"]),
-                        ({"boxes": [[30, 30, 70, 70]], "slice": 15, "slice_step": 4}, ["apply to a 3D box"])]:
+                        ({"boxes": [[30, 30, 70, 70]], "slice": 15, "slice_step": 4}, ["apply to 3D boxes only"])]:
         assert_problem(client.post(f"/v1/images/{info['id']}/segment", json=body), 422, *words)
     assert_problem(client.post(f"/v1/images/{info['id']}/segment", json={"box3d": [1, 2, 3]}), 422, "6 numbers")
     assert_problem(client.post(f"/v1/images/{info['id']}/segment", json={"box3d": [0, 0, 0, 500, 5, 5]}), 422, "reaches outside the volume")

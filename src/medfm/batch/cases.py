@@ -27,7 +27,7 @@ from pathlib import Path
 from medfm.errors import InputFileError, MedfmError, PromptError
 from medfm.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, PHOTO_SUFFIXES
 from medfm.prompts import Box, Box3D, Points
-from medfm.segment.options import check_refine_below, check_slice_step
+from medfm.segment.options import check_volume_options
 
 KEYS = {"image", "boxes", "points", "slice", "box3d", "boxes_from", "slice_step", "refine_below", "id"}
 #: keys that enter a case's prompt hash only when given, so that results written before they existed stay done
@@ -97,12 +97,9 @@ def _parse_line(text: str, number: int, prompts_file: Path) -> Case:
             raise PromptError("3D boxes segment the whole volume: do not combine them with boxes, points or slice")
         if not case.is_volume_case and not case.boxes and case.points is None:
             raise PromptError("give boxes, points, box3d or boxes_from")
-        if not case.is_volume_case and VOLUME_OPTIONS & set(entry):
-            raise PromptError("slice_step and refine_below apply to 3D boxes (box3d, boxes_from)")
         case.slice_step = 1 if entry.get("slice_step") is None else _whole(entry["slice_step"], "slice_step")
         case.refine_below = entry.get("refine_below")
-        check_slice_step(case.slice_step)
-        check_refine_below(case.refine_below, case.slice_step)
+        check_volume_options(case.slice_step, case.refine_below, case.is_volume_case)
         case.prompt = json.dumps({key: entry.get(key) for key in sorted(KEYS - {"id"}) if key not in VOLUME_OPTIONS or key in entry},
                                  sort_keys=True)
     except json.JSONDecodeError as error:

@@ -36,6 +36,15 @@ def check_refine_below(refine_below: float | None, slice_step: int) -> None:
         raise OptionError("refine-below refines a slice step: give a slice step above 1 with it")
 
 
+def check_volume_options(slice_step: int, refine_below: float | None, is_volume: bool) -> None:
+    """`check_slice_step` and `check_refine_below`, and refuse either on a 2D prompt, where they would
+    silently do nothing (the CLI, the batch and the server share this)."""
+    check_slice_step(slice_step)
+    check_refine_below(refine_below, slice_step)
+    if not is_volume and (slice_step != 1 or refine_below is not None):
+        raise OptionError("a slice step and refine-below apply to 3D boxes only (a whole volume), not to 2D prompts")
+
+
 #: Runtimes that can run the image encoder (`medfm.segment.openvino_backend` for "openvino").
 BACKENDS = ("torch", "openvino")
 

@@ -20,7 +20,7 @@ from medfm.io.checks import DEFAULT_MAX_BYTES
 from medfm.io.image import MedicalImage
 from medfm.io.outputs import check_outputs
 from medfm.prompts import Box, Box3D, Points
-from medfm.segment.options import check_backend_name, check_precision_name, check_refine_below, check_slice_step
+from medfm.segment.options import check_backend_name, check_precision_name, check_volume_options
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,7 @@ class SegmentRequest:
     def check_prompts(self) -> None:
         """The options and prompts on their own (no paths): what the Python API checks too."""
         check_precision_name(self.precision)
-        check_slice_step(self.slice_step)
-        check_refine_below(self.refine_below, self.slice_step)
+        check_volume_options(self.slice_step, self.refine_below, self.is_volume)
         _ = self.intensity
         if self.is_volume:
             if self.boxes or self.points is not None or self.slice_index is not None:

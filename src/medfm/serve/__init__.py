@@ -81,7 +81,7 @@ def serve(settings: ServeSettings) -> None:
 
     # a wrong --ask-model or --ask-weights is the operator's mistake: say so now, not at the first question
     check_name(settings.ask_model, settings.ask_weights is not None)
-    if settings.ask_weights is not None and not Path(settings.ask_weights).is_dir():
+    if settings.ask_weights is not None and not settings.ask_weights.is_dir():
         raise OptionError(f"--ask-weights {settings.ask_weights}: no such folder")
     if volumes_only(settings.ask_model):
         raise OptionError(f"--ask-model {settings.ask_model} reads whole volumes only; /ask answers about one slice "

@@ -37,6 +37,7 @@ from medfm.errors import InputFileError, MedfmError, MissingDependencyError, Out
 from medfm.intensity import IntensityPreset, preset
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel
+from medfm.segment.options import check_volume_options
 from medfm.serve import LOOPBACK, ServeSettings
 from medfm.serve.state import ANNOTATION, Asker, EmbeddingCache, ImageStore, QuestionsFull, Segmenter, Upload
 from medfm.serve.uploads import SUFFIXES, UnsupportedUpload, UploadTooLarge, check_size, sniff
@@ -371,6 +372,7 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         upload = upload_of(image_id)
         model = served(request.model)
         intensity = window_preset(request.window)
+        check_volume_options(request.slice_step, request.refine_below, request.box3d is not None)  # before queueing
         if request.box3d is not None:
             if request.boxes or request.points or request.slice is not None:
                 raise medfm.PromptError("3D boxes segment the whole volume: do not combine them with boxes, points or a slice")
@@ -381,8 +383,6 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
             mask_id = f"m-{secrets.token_urlsafe(8)}"
             upload.masks[mask_id] = labels
             return SegmentResponse(scores=[], mask_id=mask_id, slices=[int(z) for z in np.flatnonzero(labels.any(axis=(1, 2)))])
-        if request.slice_step != 1 or request.refine_below is not None:
-            raise medfm.PromptError("slice_step and refine_below apply to a 3D box (box3d)")
         index = slice_of(upload, request.slice)
         if not request.boxes and not request.points:
             raise medfm.PromptError("give at least one box or point")

@@ -200,10 +200,7 @@ class Segmenter:
                      slice_step: int = 1, refine_below: float | None = None) -> np.ndarray:
         """The label map (label 1) of a 3D box, propagated slice by slice (an encoder-heavy job);
         ``slice_step`` and ``refine_below`` as in `segment_volume`."""
-        from medfm.segment.volume import check_refine_below, check_slice_step, segment_volume
-
-        check_slice_step(slice_step)  # refused here, not in the worker pool
-        check_refine_below(refine_below, slice_step)
+        from medfm.segment.volume import segment_volume
 
         def run() -> np.ndarray:
             return segment_volume(self._predictor(model), image, [box], intensity=intensity, slice_step=slice_step,
