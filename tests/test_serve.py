@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import io
 import threading
@@ -70,7 +71,7 @@ def assert_problem(response, status: int, *words: str) -> None:  # noqa: ANN001
 
 def test_health_models_and_openapi(client) -> None:
     assert client.get("/v1/health").json()["status"] == "ok"
-    assert client.get("/v1/models").json()["segmentation"] == [{"name": "tiny", "arch": "litemedsam", "default": True}]
+    assert client.get("/v1/models").json()["segmentation"] == [{"name": "tiny", "arch": "litemedsam", "default": True, "prompts": None}]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/images", "/v1/images/{image_id}/segment", "/v1/images/{image_id}/mask", "/v1/images/{image_id}/classify",
             "/v1/images/{image_id}/ask"} <= set(paths)
@@ -99,6 +100,20 @@ def test_segment_equals_the_library_and_encodes_once(client, tiny_model) -> None
     assert client.post(f"/v1/images/{other}/slices/0/embedding").status_code == 204  # the app warms the slice it shows
     client.post(f"/v1/images/{other}/segment", json={"boxes": [box]})
     assert client.get("/v1/health").json()["encoded"] == encoded + 1
+
+
+def test_clicks_to_a_box_only_model_come_back_with_a_warning(tiny_model, tmp_path) -> None:
+    """The app's user clicks far more than they draw boxes: a box-trained model answers clicks with a
+    near-empty mask, so the answer says so and names the models trained with clicks."""
+    box_only = dataclasses.replace(tiny_model, name="box-only", trained_prompts=("box",))
+    app = create_app(ServeSettings(upload_root=tmp_path / "uploads"), models={"box-only": box_only})
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/v1/models").json()["segmentation"][0]["prompts"] == ["box"]
+        image_id = upload(client, PNG)["id"]
+        boxed = client.post(f"/v1/images/{image_id}/segment", json={"boxes": [[215, 107, 265, 132]]}).json()
+        clicked = client.post(f"/v1/images/{image_id}/segment", json={"points": [[240, 120]]}).json()
+    assert boxed["warning"] is None and boxed["mask_png"]
+    assert "not point prompts" in clicked["warning"] and "medfm-litemedsam-clicks" in clicked["warning"]
 
 
 def test_colour_jpeg_named_as_nifti_is_read_as_a_jpeg(client) -> None:

@@ -146,6 +146,8 @@ def test_drop_a_file_refine_with_a_click_classify_and_ask(page, server) -> None:
     (x, y), = sent["points"]
     assert np.abs(np.subtract(sent["boxes"], [[215, 107, 265, 132]])).max() <= 1  # the mouse lands on whole screen pixels
     assert sent["point_labels"] == [1] and abs(x - 240) <= 1 and abs(y - 120) <= 1  # the click refines the box
+    status = page.inner_text("#status")  # the default learnt from boxes only: the click's answer says so
+    assert "not point prompts" in status and "medfm-litemedsam-clicks" in status and "error" in page.get_attribute("#status", "class")
     assert overlay_pixels(page) > 500
     page.click("#undo")
     page.click("#undo")

@@ -159,19 +159,28 @@ def overlay_picture(
     return np.asarray(picture)
 
 
-def warn_untrained_prompts(model: SegmentationModel, boxes: Sequence[Box] = (), points: Points | None = None) -> None:
-    """Warn when a prompt type is one the model's weights never saw in training (e.g. clicks for
-    LiteMedSAM, distilled with boxes only): it runs, but the masks are unreliable."""
+def untrained_prompts(model: SegmentationModel, boxes: bool, points: bool) -> str | None:
+    """Why the masks are unreliable when a prompt type is one the model's weights never saw in
+    training (e.g. clicks for LiteMedSAM, distilled with boxes only), naming models trained with it;
+    None when every prompt type given was trained (or the model does not say)."""
     if model.trained_prompts is None:
-        return
-    given = ["box"] * bool(boxes) + ["point"] * (points is not None)
+        return None
+    given = ["box"] * boxes + ["point"] * points
     for kind in given:
         if kind not in model.trained_prompts:
             trained = " and ".join(f"{k} prompts" for k in model.trained_prompts) or "no prompts (it is prompt-free)"
             offline = [e.name for e in registry.ENTRIES if e.family == "segment" and e.offline and kind in e.prompts]
             hint = f" (offline models trained with them: {', '.join(offline)})" if offline else ""
-            warnings.warn(f"{model.name} was trained with {trained}, not {kind} prompts: its masks from "
-                          f"{kind} prompts are unreliable{hint}", stacklevel=2)
+            return f"{model.name} was trained with {trained}, not {kind} prompts: its masks from {kind} prompts are unreliable{hint}"
+    return None
+
+
+def warn_untrained_prompts(model: SegmentationModel, boxes: Sequence[Box] = (), points: Points | None = None) -> None:
+    """Warn when a prompt type is one the model's weights never saw in training: it runs, but the
+    masks are unreliable."""
+    message = untrained_prompts(model, bool(boxes), points is not None)
+    if message is not None:
+        warnings.warn(message, stacklevel=2)
 
 
 def read_label_map(path: str | PathLike[str], like: MedicalImage) -> np.ndarray:

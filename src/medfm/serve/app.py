@@ -38,6 +38,7 @@ from medfm.intensity import IntensityPreset, preset
 from medfm.prompts import Box3D
 from medfm.segment.model import SegmentationModel
 from medfm.segment.options import check_volume_options
+from medfm.segment.run import untrained_prompts
 from medfm.serve import LOOPBACK, ServeSettings
 from medfm.serve.state import ANNOTATION, Asker, EmbeddingCache, ImageStore, QuestionsFull, Segmenter, Upload
 from medfm.serve.uploads import SUFFIXES, UnsupportedUpload, UploadTooLarge, check_size, sniff
@@ -80,6 +81,8 @@ class SegmentResponse(BaseModel):
     mask_png: str | None = Field(None, description="Base64 PNG label map (uint8, 1..N) on the slice's grid.")
     mask_id: str | None = Field(None, description="For a 3D box: the id of its volume mask (GET .../mask?mask_id=).")
     slices: list[int] | None = Field(None, description="For a 3D box: the slices its mask covers.")
+    warning: str | None = Field(None, description="Set when the model was never trained with a prompt type given "
+                                "(e.g. clicks to a box-only model): the mask is unreliable; it names models that were.")
 
 
 class ClassifyRequest(BaseModel):
@@ -284,7 +287,9 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
     async def list_served_models() -> dict:
         """The segmentation models this server runs (the first is the default), its classifier and
         the vision-language model of /ask (loaded on the first question)."""
-        return {"segmentation": [{"name": name, "arch": model.arch, "default": name == default_model} for name, model in models.items()],
+        return {"segmentation": [{"name": name, "arch": model.arch, "default": name == default_model,
+                                  "prompts": None if model.trained_prompts is None else list(model.trained_prompts)}
+                                 for name, model in models.items()],
                 "classification": [{"name": settings.classify_model, "default": True}],
                 "ask": [{"name": asker.name, "default": True, "loaded": asker.model is not None}]}
 
@@ -400,7 +405,8 @@ def create_app(settings: ServeSettings, models: dict[str, SegmentationModel] | N
         embedding = await segmenter.embedding(upload, index, model, request.window, intensity)
         prediction = await segmenter.predict(embedding, model, request.boxes or None, points, labels)
         return SegmentResponse(scores=[float(s) for s in prediction.scores],
-                               mask_png=base64.b64encode(_png(prediction.label_map())).decode())
+                               mask_png=base64.b64encode(_png(prediction.label_map())).decode(),
+                               warning=untrained_prompts(models[model], bool(request.boxes), points is not None))
 
     @app.put("/v1/images/{image_id}/mask/slices/{index}.png", status_code=204, responses=PROBLEMS,
              openapi_extra={"requestBody": {"required": True, "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}})

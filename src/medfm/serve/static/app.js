@@ -268,7 +268,9 @@ async function segmentSession() {
   const mask = await decodeGreyPng(await (await fetch(`data:image/png;base64,${answer.mask_png}`)).blob());
   const after = session.base.slice();
   for (let i = 0; i < mask.length; i++) if (mask[i]) after[i] = session.label;
-  setStatus(`score ${answer.scores.map((s) => s.toFixed(3)).join(", ")}`);
+  // a model never trained with a prompt kind (clicks to a box-only model) answers it unreliably: say so
+  const scores = `score ${answer.scores.map((s) => s.toFixed(3)).join(", ")}`;
+  setStatus(answer.warning ? `${scores} · ${answer.warning}` : scores, Boolean(answer.warning));
   apply([{ slice: session.slice, after }]);
 }
 
