@@ -214,6 +214,25 @@ def test_embedding_cache_follows_file_contents_not_paths_or_times(setup, tmp_pat
     assert EmbeddingCache(tmp_path / "cache", "other", preprocess).path(refs[1]) != cache.path(refs[1])
 
 
+def test_a_delta_over_a_frozen_encoder_shares_its_bases_embedding_cache(setup, tmp_path, monkeypatch) -> None:
+    """A second stage from a decoder run embeds its images exactly as the first did: same cache
+    identity, no re-encoding; a run that changed the encoder (LoRA) gets its own."""
+    from medfm.train.trainer import _base_id
+
+    base = str(setup[0])
+    decoder = Trainer(config(setup, tmp_path / "decoder", "decoder"), lambda text: None).fit()
+    lora = Trainer(config(setup, tmp_path / "lora", "lora"), lambda text: None).fit()
+    assert _base_id(str(decoder.best)) == (str(decoder.best.resolve()), _base_id(base)[1])
+    assert _base_id(str(lora.best))[1] not in (_base_id(base)[1], _base_id(str(decoder.best))[1])
+    missing = []
+    fill = Trainer._fill_cache
+    monkeypatch.setattr(Trainer, "_fill_cache", lambda self, cache, refs: missing.append(
+        sum(not cache.path(r).is_file() for r in refs)) or fill(self, cache, refs))
+    stage2 = config(setup, tmp_path / "stage2", "decoder", cache_embeddings=tmp_path / "decoder" / "embedding-cache")
+    Trainer(dataclasses.replace(stage2, base=str(decoder.best)), lambda text: None).fit()
+    assert missing == [0]  # every embedding was already there
+
+
 def test_mixed_weights_choose_the_prompt_kinds_drawn(setup, tmp_path, monkeypatch) -> None:
     from medfm.train import trainer as trainer_module
 

@@ -200,9 +200,16 @@ def _base_id(base: str) -> tuple[str, str]:
         return base, f"{base}:{entry.sha256 or entry.weights}"
     # a folder, a file, or a model shipped in the package (whose folder changes when medfm ships new weights)
     path = resolve(base, entry.weights, None, None) if entry is not None else Path(base).resolve()
+    name = base if entry is not None else str(path)
+    saved = path / "config.json"
+    if saved.is_file():
+        config = json.loads(saved.read_text())
+        if config.get("delta") and Recipe.from_dict(config["recipe"]).frozen_encoder:
+            # its images embed exactly as its base's do: a second stage reuses the first stage's cache
+            return name, _base_id(config["base"])[1]
     weights = path / "model.safetensors" if path.is_dir() else path
     stamp = weights.stat().st_mtime_ns if weights.exists() else 0
-    return base if entry is not None else str(path), f"{path}:{stamp}"
+    return name, f"{path}:{stamp}"
 
 
 #: what `Trainer` saves in ``state.pt``, by type
