@@ -16,7 +16,10 @@ on a shared machine falls on all alike):
   with every graph optimisation (fusions) on; ``onnxruntime int8``: the same model after ONNX
   Runtime's dynamic int8 quantisation of its weights (``quantize_dynamic``). Both need
   ``pip install 'medfm[onnxruntime]'`` and are skipped without it (nothing in medfm uses them:
-  they are measured here, not adopted).
+  they are measured here, not adopted);
+* ``openvino int8 (NNCF, static)``: OpenVINO's fp32 IR after NNCF's post-training quantisation
+  (``nncf.quantize``, transformer mode, activations calibrated on ``--calibration`` images of the
+  same datasets that are not timed). Needs ``pip install 'medfm[int8]'``; skipped without it.
 
 Per image: one warm encode is timed per runtime (the median over images is reported); each
 embedding is then decoded with the same box by medfm's fast decoder, and the mask compared with
@@ -74,11 +77,37 @@ def onnxruntime_encoders(encoder: torch.nn.Module, size: int, threads: int, fold
     return runners
 
 
+def openvino_int8_encoder(folder: Path, calibration: list[torch.Tensor], threads: int) -> dict:
+    """The OpenVINO IR in ``folder`` quantised to int8 by NNCF, calibrated on ``calibration`` pixels."""
+    try:
+        import nncf
+    except ImportError:
+        print("  nncf is not installed: the int8 row is skipped (pip install 'medfm[int8]')", file=sys.stderr)
+        return {}
+    import openvino as ov
+
+    from medfm.segment.openvino_backend import IR_NAME
+
+    core = ov.Core()
+    dataset = nncf.Dataset([pixels.numpy() for pixels in calibration])
+    logging.disable(logging.INFO)  # NNCF's progress bars and notes
+    try:
+        quantized = nncf.quantize(core.read_model(folder / IR_NAME), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(calibration))
+    finally:
+        logging.disable(logging.NOTSET)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    request = core.compile_model(quantized, "CPU", config).create_infer_request()
+    return {"openvino int8 (NNCF, static)": lambda pixels: torch.from_numpy(
+        np.array(request.infer({0: pixels.numpy()})[0], copy=True))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", type=int, default=30, help="images (not timed) that calibrate the int8 model")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if not args.data_root.is_dir():
@@ -107,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         runners["openvino bf16"] = OpenVINOEncoder(encoder, size, "bf16", args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         runners.update(onnxruntime_encoders(encoder, size, args.threads, Path(tmp)))
-    names = list(runners)
     cases = select_cases(args.data_root, args.images)
+    timed = {case["id"] for case in cases}
+    calibration = [case for case in select_cases(args.data_root, args.images + args.calibration) if case["id"] not in timed]
+    runners.update(openvino_int8_encoder(runners["openvino fp32"].folder, [
+        prepare(to_uint8_rgb(image.array, None, image.modality), model.preprocess)[0]
+        for image in (medfm.read_image(case["image"]) for case in calibration[: args.calibration])], args.threads))
+    names = list(runners)
     times = {name: [] for name in names}
     masks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     truths = []
