@@ -90,7 +90,7 @@ def openvino_int8_encoder(folder: Path, calibration: list[torch.Tensor], threads
 
     core = ov.Core()
     dataset = nncf.Dataset([pixels.numpy() for pixels in calibration])
-    logging.disable(logging.INFO)  # NNCF's progress bars and notes
+    logging.disable(logging.INFO)  # NNCF's notes (its progress bars still print)
     try:
         quantized = nncf.quantize(core.read_model(folder / IR_NAME), dataset, model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(calibration))
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=30, help="images (not timed) that calibrate the int8 model")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
+    if args.images < 1 or args.calibration < 1:
+        parser.error("--images and --calibration take a count of at least 1")
     if not args.data_root.is_dir():
         print(f"data folder {args.data_root} is absent; pass --data-root", file=sys.stderr)
         return 2
